@@ -1,0 +1,80 @@
+"""The skeleton every data-path service shares: a FastAPI app around a worker loop.
+
+Each service writes `create_app(settings)`, which builds its worker and hands it to
+`service_app`. The app's lifespan starts the worker and stops it, so nothing runs at
+import and start/stop are symmetric. Routes: `/health` (the process answers),
+`/ready` (the worker says it is doing its job), `/metrics` (Prometheus text format
+from the worker's own registry) and `/status` (the worker's own JSON).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Protocol
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+log = logging.getLogger(__name__)
+
+
+class Worker(Protocol):
+    """The long-running part of a service."""
+
+    registry: CollectorRegistry
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def ready(self) -> bool: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
+def service_app(title: str, worker: Worker) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await worker.start()
+        try:
+            yield
+        finally:
+            await worker.stop()
+
+    app = FastAPI(title=title, lifespan=lifespan)
+    app.state.worker = worker
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # A client never sees a traceback; the log keeps it.
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": "internal error; see the service log"}, status_code=500)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        is_ready = worker.ready()
+        return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(worker.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/status")
+    async def status() -> dict[str, Any]:
+        return worker.status()
+
+    return app
+
+
+def run_app(app: FastAPI, host: str, port: int, *, log_level: str = "info") -> None:
+    """Serves an app until SIGINT/SIGTERM (used by the `dmover <service>` commands)."""
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, loop="uvloop")
+    uvicorn.Server(config).run()
