@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from datapath.kafka.settings import KafkaClusterSettings
 
-VM_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,119}$")
+VM_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,119}$")
 
 
 class ProtectionPlanError(ValueError):
@@ -67,7 +67,7 @@ class ProtectedVM(_Strict):
     def _check(self) -> Self:
         if not VM_ID_PATTERN.match(self.id):
             raise ValueError(
-                f"VM id {self.id!r} must be 1-120 characters of letters, digits, '.', '_', '-'"
+                f"VM id {self.id!r} must be 1-120 characters of letters, digits, '_' and '-' (Kafka topic names treat . and _ alike)"
             )
         names = [d.name for d in self.disks]
         if len(set(names)) != len(names):

@@ -1,0 +1,44 @@
+"""Kafka plumbing shared by every service: thin wrappers over aiokafka.
+
+One small class each (:class:`Producer`, :class:`TransactionalProducer`, :class:`Consumer`,
+:class:`Admin`) with ``start()``/``stop()`` and ``async with``; driver errors become the
+domain errors of :mod:`datapath.kafka.errors`, and :func:`retrying` is the one place that
+decides whether to try again. See docs/kafka.md.
+"""
+
+from datapath.kafka.admin import Admin, TopicDescription
+from datapath.kafka.consumer import Consumer
+from datapath.kafka.errors import (
+    KafkaError,
+    KafkaFatal,
+    KafkaMetrics,
+    KafkaUnavailable,
+    MessageTooLarge,
+    ProducerFenced,
+    TopicExists,
+    UnknownTopic,
+    retrying,
+    translate,
+)
+from datapath.kafka.producer import Delivery, Producer, TransactionalProducer
+from datapath.kafka.settings import KafkaClusterSettings
+
+__all__ = [
+    "Admin",
+    "Consumer",
+    "Delivery",
+    "KafkaClusterSettings",
+    "KafkaError",
+    "KafkaFatal",
+    "KafkaMetrics",
+    "KafkaUnavailable",
+    "MessageTooLarge",
+    "Producer",
+    "ProducerFenced",
+    "TopicDescription",
+    "TopicExists",
+    "TransactionalProducer",
+    "UnknownTopic",
+    "retrying",
+    "translate",
+]

@@ -1,0 +1,200 @@
+"""A consumer that reads only committed records and commits offsets only when told to."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Mapping
+from types import TracebackType
+from typing import Any, Literal, Self
+
+import aiokafka.errors as driver
+from aiokafka import AIOKafkaConsumer
+from aiokafka.structs import OffsetAndMetadata, TopicPartition
+
+from datapath.kafka.errors import KafkaFatal, KafkaUnavailable, translate
+from datapath.kafka.settings import KafkaClusterSettings
+
+log = logging.getLogger(__name__)
+
+# aiokafka's ConsumerRecord (topic, partition, offset, key, value, headers, timestamp...).
+ConsumerRecord = Any
+IsolationLevel = Literal["read_committed", "read_uncommitted"]
+
+# One fetch must hold the largest record (a journal batch) of a partition.
+DEFAULT_MAX_PARTITION_FETCH_BYTES = 8 * 1024 * 1024 + 64 * 1024
+_DRIVER_ERRORS = (driver.KafkaError, driver.IllegalOperation, driver.ConsumerStoppedError, OSError)
+
+
+class Consumer:
+    """A Kafka consumer: manual partition assignment or group subscription, manual commits.
+
+    ``read_committed`` by default, so records of open or aborted transactions are never
+    returned; auto-commit is off, so an offset is committed only after its record was
+    processed (or inside a producer transaction, see ``TransactionalProducer``).
+    """
+
+    def __init__(
+        self,
+        cluster: KafkaClusterSettings,
+        *,
+        group_id: str | None = None,
+        isolation_level: IsolationLevel = "read_committed",
+        auto_offset_reset: Literal["earliest", "latest", "none"] = "earliest",
+        max_partition_fetch_bytes: int = DEFAULT_MAX_PARTITION_FETCH_BYTES,
+        fetch_max_bytes: int = 64 * 1024 * 1024,
+        fetch_max_wait_ms: int = 200,
+        request_timeout_ms: int = 30_000,
+        client_id: str | None = None,
+    ) -> None:
+        self.cluster = cluster
+        self.group_id = group_id
+        self.request_timeout_ms = request_timeout_ms
+        self._kwargs: dict[str, Any] = {
+            **cluster.client_kwargs(),
+            "group_id": group_id,
+            "isolation_level": isolation_level,
+            "enable_auto_commit": False,
+            "auto_offset_reset": auto_offset_reset,
+            "max_partition_fetch_bytes": max_partition_fetch_bytes,
+            "fetch_max_bytes": fetch_max_bytes,
+            "fetch_max_wait_ms": fetch_max_wait_ms,
+            "request_timeout_ms": request_timeout_ms,
+        }
+        if client_id is not None:
+            self._kwargs["client_id"] = client_id
+        self._consumer: AIOKafkaConsumer | None = None
+
+    @property
+    def driver(self) -> AIOKafkaConsumer:
+        if self._consumer is None:
+            raise KafkaFatal("Consumer is not started")
+        return self._consumer
+
+    async def start(self) -> None:
+        if self._consumer is not None:
+            return
+        consumer = AIOKafkaConsumer(**self._kwargs)
+        try:
+            await consumer.start()
+        except _DRIVER_ERRORS as exc:
+            try:
+                await consumer.stop()
+            except _DRIVER_ERRORS as cleanup:
+                log.debug("closing a consumer that failed to start: %s", cleanup)
+            raise translate(exc) from exc
+        self._consumer = consumer
+        log.debug("consumer (group %s) started on %s", self.group_id, self.cluster.describe())
+
+    async def stop(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        if consumer is None:
+            return
+        try:
+            await consumer.stop()
+        except _DRIVER_ERRORS as exc:
+            raise translate(exc) from exc
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def assign(self, partitions: Iterable[TopicPartition]) -> None:
+        """Read exactly these partitions (no group rebalancing)."""
+        try:
+            self.driver.assign(list(partitions))
+        except _DRIVER_ERRORS as exc:
+            raise translate(exc) from exc
+
+    def subscribe(self, topics: Iterable[str], *, listener: Any = None) -> None:
+        """Share these topics' partitions with the other members of ``group_id``.
+
+        ``listener``: an aiokafka ``ConsumerRebalanceListener`` to act on every assignment
+        change before records of the new assignment are read.
+        """
+        try:
+            self.driver.subscribe(topics=list(topics), listener=listener)
+        except _DRIVER_ERRORS as exc:
+            raise translate(exc) from exc
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.driver.assignment())
+
+    async def getmany(
+        self, *partitions: TopicPartition, timeout_ms: int = 1000, max_records: int | None = None
+    ) -> dict[TopicPartition, list[ConsumerRecord]]:
+        """The records fetched within ``timeout_ms`` (possibly none), per partition."""
+        try:
+            records: dict[TopicPartition, list[ConsumerRecord]] = await self.driver.getmany(
+                *partitions, timeout_ms=timeout_ms, max_records=max_records
+            )
+        except _DRIVER_ERRORS as exc:
+            raise translate(exc) from exc
+        return records
+
+    def seek(self, partition: TopicPartition, offset: int) -> None:
+        """Read ``partition`` from ``offset`` on (takes effect at the next fetch)."""
+        try:
+            self.driver.seek(partition, offset)
+        except _DRIVER_ERRORS as exc:
+            raise translate(exc) from exc
+
+    async def seek_to_beginning(self, *partitions: TopicPartition) -> None:
+        await self._call(self.driver.seek_to_beginning(*partitions))
+
+    async def seek_to_committed(self, *partitions: TopicPartition) -> None:
+        await self._call(self.driver.seek_to_committed(*partitions))
+
+    async def position(self, partition: TopicPartition) -> int:
+        """The offset of the next record that will be returned for ``partition``."""
+        position: int = await self._call(self.driver.position(partition))
+        return position
+
+    async def beginning_offsets(
+        self, partitions: Iterable[TopicPartition]
+    ) -> dict[TopicPartition, int]:
+        offsets: dict[TopicPartition, int] = await self._call(
+            self.driver.beginning_offsets(list(partitions))
+        )
+        return offsets
+
+    async def end_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        """The offset after the last readable record: with read_committed, the last stable
+        offset (records of open transactions are not readable yet)."""
+        offsets: dict[TopicPartition, int] = await self._call(
+            self.driver.end_offsets(list(partitions))
+        )
+        return offsets
+
+    async def committed(self, partition: TopicPartition) -> int | None:
+        """The group's committed offset of ``partition``, None if it has none."""
+        offset: int | None = await self._call(self.driver.committed(partition))
+        return offset
+
+    async def commit(self, offsets: Mapping[TopicPartition, int] | None = None) -> None:
+        """Commit ``offsets`` (next offsets to read), or the current positions when None."""
+        arg = (
+            None if offsets is None else {tp: OffsetAndMetadata(o, "") for tp, o in offsets.items()}
+        )
+        await self._call(self.driver.commit(arg))
+
+    async def _call(self, call: Any) -> Any:
+        # The driver can wait forever for a partition that does not exist: bound every call.
+        try:
+            async with asyncio.timeout(self.request_timeout_ms / 1000):
+                return await call
+        except TimeoutError as exc:
+            raise KafkaUnavailable(
+                f"no answer from {self.cluster.bootstrap_servers} within "
+                f"{self.request_timeout_ms} ms"
+            ) from exc
+        except _DRIVER_ERRORS as exc:
+            raise translate(exc) from exc

@@ -1,0 +1,162 @@
+"""The Kafka error model: a few domain errors, one translation, one retry policy.
+
+Driver (aiokafka) errors never leave ``datapath.kafka``: every wrapper raises one of the
+classes below, ``from`` the driver error. Whether to retry is decided in ONE place,
+:func:`retrying`, and only for :class:`KafkaUnavailable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import aiokafka.errors as driver
+from prometheus_client import CollectorRegistry, Counter
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class KafkaError(Exception):
+    """Base of every Kafka failure raised by ``datapath.kafka``."""
+
+
+class KafkaUnavailable(KafkaError):
+    """Transient: broker down or unreachable, timeout, leader or coordinator moving or loading.
+
+    Retrying the same operation later may succeed.
+    """
+
+
+class KafkaFatal(KafkaError):
+    """Retrying cannot help: authentication, configuration, a fenced producer, an invalid
+    transaction state, a topic that should exist and does not. An operator must act."""
+
+
+class UnknownTopic(KafkaFatal):
+    """A topic that should exist does not (topics are never auto-created)."""
+
+
+class ProducerFenced(KafkaFatal):
+    """Another producer with the same transactional id took over (or the transaction timed
+    out). This producer must be closed; a new one resumes from the committed state."""
+
+
+class MessageTooLarge(KafkaError):
+    """A record is larger than the producer's or the topic's limit. The record, not the
+    cluster, is at fault: split it or raise ``max.message.bytes``."""
+
+
+class TopicExists(KafkaError):
+    """A topic exists with a configuration other than the one asked for."""
+
+
+# Driver errors that the driver marks retriable but that mean a wrong setup here:
+# topics are created explicitly, so a missing one is not going to appear by waiting.
+_UNKNOWN_TOPIC = (driver.UnknownTopicOrPartitionError,)
+_TOO_LARGE = (driver.MessageSizeTooLargeError, driver.RecordTooLargeError)
+_FENCED = (
+    driver.ProducerFenced,
+    driver.InvalidProducerEpoch,
+    driver.TransactionCoordinatorFenced,
+)
+# Transient although the driver does not flag them retriable.
+_UNAVAILABLE = (
+    driver.KafkaTimeoutError,
+    driver.KafkaUnavailableError,
+    driver.RequestTimedOutError,
+    driver.BrokerNotAvailableError,
+    driver.ReplicaNotAvailableError,
+    driver.ConcurrentTransactions,
+    driver.CoordinatorLoadInProgressError,
+    driver.CoordinatorNotAvailableError,
+    driver.NotCoordinatorError,
+)
+
+
+def translate(exc: BaseException) -> KafkaError:
+    """The domain error for a driver (or socket) error. Already translated errors pass."""
+    if isinstance(exc, KafkaError):
+        return exc
+    detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if isinstance(exc, _UNKNOWN_TOPIC):
+        return UnknownTopic(f"topic or partition does not exist ({detail})")
+    if isinstance(exc, _TOO_LARGE):
+        return MessageTooLarge(detail)
+    if isinstance(exc, driver.TopicAlreadyExistsError):
+        return TopicExists(detail)
+    if isinstance(exc, _FENCED):
+        return ProducerFenced(detail)
+    if isinstance(exc, _UNAVAILABLE):
+        return KafkaUnavailable(detail)
+    if isinstance(exc, driver.KafkaError) and exc.retriable:
+        return KafkaUnavailable(detail)
+    if isinstance(exc, TimeoutError | ConnectionError):
+        return KafkaUnavailable(detail)
+    # Authentication, authorization, configuration, invalid transaction state, unknown
+    # codes, illegal operations: nothing that waiting would fix.
+    return KafkaFatal(detail)
+
+
+class KafkaMetrics:
+    """The Kafka plumbing's Prometheus metrics, on the registry a service owns."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.retries = Counter(
+            "datamover_kafka_retries_total",
+            "Kafka operations retried after a transient failure (broker down, timeout, "
+            "leader or coordinator moving).",
+            labelnames=("operation",),
+            registry=registry,
+        )
+
+    def retries_of(self, operation: str) -> float:
+        """The retries counted so far for ``operation`` (for status pages and tests)."""
+        value = self.retries.labels(operation=operation)._value.get()
+        return float(value)
+
+
+async def retrying(
+    op: Callable[[], Awaitable[T]],
+    *,
+    what: str,
+    attempts: int,
+    backoff: float,
+    metrics: KafkaMetrics,
+    max_backoff: float = 30.0,
+) -> T:
+    """Run ``op`` up to ``attempts`` times, retrying only :class:`KafkaUnavailable`.
+
+    The wait doubles from ``backoff`` seconds up to ``max_backoff``. Every retry is counted
+    in ``datamover_kafka_retries_total{operation=what}`` (keep ``what`` a fixed operation
+    name: it is a label). Fatal errors raise at once; after the last attempt the transient
+    error raises. Errors other than Kafka's, sockets' and timeouts' are bugs and propagate
+    untouched.
+    """
+    if attempts < 1:
+        raise ValueError(f"attempts must be >= 1, not {attempts}")
+    delay = backoff
+    for attempt in range(1, attempts + 1):
+        try:
+            return await op()
+        except (KafkaError, driver.KafkaError, driver.IllegalOperation, OSError) as exc:
+            error = translate(exc)
+            if not isinstance(error, KafkaUnavailable) or attempt == attempts:
+                if error is exc:
+                    raise
+                raise error from exc
+            metrics.retries.labels(operation=what).inc()
+            log.warning(
+                "%s failed (attempt %d of %d), retrying in %.1fs: %s",
+                what,
+                attempt,
+                attempts,
+                delay,
+                error,
+            )
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, max_backoff)
+    raise AssertionError("unreachable")

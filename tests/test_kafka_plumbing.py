@@ -1,0 +1,376 @@
+"""The Kafka plumbing's contracts: topic names and configs, the error model, retries,
+settings that keep secrets, and the wrappers against a real broker."""
+
+from __future__ import annotations
+
+import socket
+
+import aiokafka.errors as driver
+import pytest
+from aiokafka.structs import TopicPartition
+from prometheus_client import CollectorRegistry
+from pydantic import SecretStr, ValidationError
+
+from datapath.kafka import (
+    Admin,
+    Consumer,
+    KafkaClusterSettings,
+    KafkaError,
+    KafkaFatal,
+    KafkaMetrics,
+    KafkaUnavailable,
+    MessageTooLarge,
+    Producer,
+    ProducerFenced,
+    TopicExists,
+    TransactionalProducer,
+    UnknownTopic,
+    retrying,
+    translate,
+)
+from datapath.topics import (
+    MAX_TOPIC_NAME_LENGTH,
+    MAX_VM_ID_LENGTH,
+    VM_STREAMS,
+    Stream,
+    TopicSpec,
+    site_topic_specs,
+    topic_name,
+    vm_topic_specs,
+)
+
+KiB = 1024
+MiB = 1024 * KiB
+DAY_MS = 24 * 3600 * 1000
+
+
+# --- topics -------------------------------------------------------------------------------
+
+
+def test_topic_names_come_from_one_scheme() -> None:
+    assert topic_name(Stream.TAP, "vm-1") == "dm.tap.vm-1"
+    assert topic_name(Stream.BATCH, "VM_2") == "dm.batch.VM_2"
+    assert topic_name(Stream.CONTROL) == "dm.control"
+    names = {topic_name(stream, "x") for stream in VM_STREAMS}
+    assert len(names) == len(VM_STREAMS)
+    longest = topic_name(Stream.DEADLETTER, "a" * MAX_VM_ID_LENGTH)
+    assert len(longest) <= MAX_TOPIC_NAME_LENGTH
+
+
+@pytest.mark.parametrize(
+    ("stream", "vm_id"),
+    [
+        (Stream.TAP, ""),
+        (Stream.TAP, "a.b"),  # '.' would collide with '_' in Kafka's metric names
+        (Stream.TAP, "a/b"),
+        (Stream.TAP, "vm 1"),
+        (Stream.TAP, "vmé"),
+        (Stream.TAP, "a" * (MAX_VM_ID_LENGTH + 1)),
+        (Stream.TAP, None),
+        (Stream.CONTROL, "vm-1"),
+    ],
+)
+def test_illegal_topic_names_are_refused(stream: Stream, vm_id: str | None) -> None:
+    with pytest.raises(ValueError):
+        topic_name(stream, vm_id)
+
+
+def test_vm_topics_have_explicit_configs() -> None:
+    specs = {
+        spec.name: spec
+        for spec in vm_topic_specs(
+            "vm-7", replication_factor=3, retention_ms=DAY_MS, max_message_bytes=4 * MiB
+        )
+    }
+    assert set(specs) == {topic_name(stream, "vm-7") for stream in VM_STREAMS}
+    for spec in specs.values():
+        assert (spec.partitions, spec.replication_factor) == (1, 3)
+        assert spec.configs["min.insync.replicas"] == "2"
+        assert spec.configs["unclean.leader.election.enable"] == "false"
+    for stream in (Stream.TAP, Stream.BATCH):
+        configs = specs[topic_name(stream, "vm-7")].configs
+        assert configs["cleanup.policy"] == "delete"
+        assert configs["retention.ms"] == str(DAY_MS)
+        assert configs["max.message.bytes"] == str(4 * MiB)
+    deadletter = specs[topic_name(Stream.DEADLETTER, "vm-7")].configs
+    assert int(deadletter["retention.ms"]) >= 7 * DAY_MS
+    assert specs[topic_name(Stream.OFFSETS, "vm-7")].configs["cleanup.policy"] == "compact"
+    for spec in site_topic_specs(replication_factor=1):
+        assert spec.configs["cleanup.policy"] == "compact"
+        assert spec.configs["min.insync.replicas"] == "1"
+
+
+def test_topic_configs_that_cannot_work_are_refused() -> None:
+    with pytest.raises(ValueError):
+        vm_topic_specs("v", replication_factor=0, retention_ms=DAY_MS, max_message_bytes=MiB)
+    with pytest.raises(ValueError):
+        vm_topic_specs(
+            "v",
+            replication_factor=1,
+            retention_ms=DAY_MS,
+            max_message_bytes=MiB,
+            min_insync_replicas=2,
+        )
+    with pytest.raises(ValueError):
+        vm_topic_specs("v", replication_factor=1, retention_ms=0, max_message_bytes=MiB)
+
+
+# --- the error model ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raised", "expected"),
+    [
+        (driver.KafkaConnectionError("refused"), KafkaUnavailable),
+        (driver.NoBrokersAvailable(), KafkaUnavailable),
+        (driver.KafkaTimeoutError(), KafkaUnavailable),
+        (driver.RequestTimedOutError(), KafkaUnavailable),
+        (driver.NotLeaderForPartitionError(), KafkaUnavailable),
+        (driver.LeaderNotAvailableError(), KafkaUnavailable),
+        (driver.GroupCoordinatorNotAvailableError(), KafkaUnavailable),
+        (driver.GroupLoadInProgressError(), KafkaUnavailable),
+        (driver.NotEnoughReplicasError(), KafkaUnavailable),
+        (driver.ConcurrentTransactions(), KafkaUnavailable),
+        (ConnectionRefusedError(), KafkaUnavailable),
+        (TimeoutError(), KafkaUnavailable),
+        (driver.SaslAuthenticationFailed(), KafkaFatal),
+        (driver.AuthenticationFailedError(), KafkaFatal),
+        (driver.TopicAuthorizationFailedError(), KafkaFatal),
+        (driver.InvalidTxnState(), KafkaFatal),
+        (driver.InvalidConfigurationError(), KafkaFatal),
+        (driver.IllegalOperation("no transaction"), KafkaFatal),
+        (driver.UnknownTopicOrPartitionError(), UnknownTopic),
+        (driver.ProducerFenced(), ProducerFenced),
+        (driver.InvalidProducerEpoch(), ProducerFenced),
+        (driver.MessageSizeTooLargeError(), MessageTooLarge),
+        (driver.RecordTooLargeError(), MessageTooLarge),
+        (driver.TopicAlreadyExistsError(), TopicExists),
+    ],
+)
+def test_driver_errors_translate_to_domain_errors(
+    raised: BaseException, expected: type[KafkaError]
+) -> None:
+    translated = translate(raised)
+    assert type(translated) is expected
+    assert type(raised).__name__ in str(translated)
+
+
+def test_unknown_topic_and_fencing_are_fatal_and_domain_errors_pass_through() -> None:
+    assert issubclass(UnknownTopic, KafkaFatal)
+    assert issubclass(ProducerFenced, KafkaFatal)
+    assert not issubclass(MessageTooLarge, KafkaUnavailable | KafkaFatal)
+    already = KafkaUnavailable("down")
+    assert translate(already) is already
+
+
+async def test_retrying_retries_only_transient_errors_and_counts_every_retry() -> None:
+    metrics = KafkaMetrics(CollectorRegistry())
+    calls: list[str] = []
+
+    async def flaky() -> str:
+        calls.append("flaky")
+        if len(calls) < 3:
+            raise driver.NotLeaderForPartitionError()
+        return "done"
+
+    assert await retrying(flaky, what="produce", attempts=5, backoff=0.001, metrics=metrics) == (
+        "done"
+    )
+    assert len(calls) == 3
+    assert metrics.retries_of("produce") == 2
+
+    async def fenced() -> None:
+        calls.append("fenced")
+        raise driver.ProducerFenced()
+
+    with pytest.raises(ProducerFenced) as failure:
+        await retrying(fenced, what="commit", attempts=5, backoff=0.001, metrics=metrics)
+    assert calls.count("fenced") == 1
+    assert metrics.retries_of("commit") == 0
+    assert isinstance(failure.value.__cause__, driver.ProducerFenced)
+
+    async def bug() -> None:
+        raise ZeroDivisionError
+
+    with pytest.raises(ZeroDivisionError):
+        await retrying(bug, what="bug", attempts=5, backoff=0.001, metrics=metrics)
+
+
+async def test_retrying_gives_up_on_an_unreachable_cluster_after_counting_its_retries() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    cluster = KafkaClusterSettings(bootstrap_servers=f"127.0.0.1:{closed_port}")
+    metrics = KafkaMetrics(CollectorRegistry())
+
+    async def list_topics() -> set[str]:
+        async with Admin(cluster, request_timeout_ms=2000) as admin:
+            return await admin.list_topics()
+
+    with pytest.raises(KafkaUnavailable) as failure:
+        await retrying(list_topics, what="list_topics", attempts=3, backoff=0.01, metrics=metrics)
+    assert metrics.retries_of("list_topics") == 2
+    assert isinstance(failure.value.__cause__, driver.KafkaConnectionError)
+
+
+# --- settings -----------------------------------------------------------------------------
+
+
+def test_cluster_settings_never_show_their_secrets() -> None:
+    settings = KafkaClusterSettings(
+        bootstrap_servers="k1:9092, k2:9092",
+        security_protocol="SASL_SSL",
+        sasl_mechanism="SCRAM-SHA-512",
+        sasl_username="replicator",
+        sasl_password=SecretStr("hunter2-secret"),
+    )
+    for shown in (repr(settings), str(settings), settings.model_dump_json(), settings.describe()):
+        assert "hunter2-secret" not in shown
+    kwargs = settings.client_kwargs()
+    assert kwargs["bootstrap_servers"] == "k1:9092,k2:9092"
+    assert kwargs["sasl_plain_password"] == "hunter2-secret"
+    assert kwargs["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert kwargs["ssl_context"] is not None
+    plain = KafkaClusterSettings(bootstrap_servers="127.0.0.1:9092").client_kwargs()
+    assert plain["ssl_context"] is None and "sasl_plain_password" not in plain
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"bootstrap_servers": ""},
+        {"bootstrap_servers": "no-port"},
+        {"bootstrap_servers": "k:9092", "security_protocol": "SASL_PLAINTEXT"},
+        {"bootstrap_servers": "k:9092", "sasl_mechanism": "PLAIN"},
+        {"bootstrap_servers": "k:9092", "security_protocol": "SSL", "ssl_certfile": "/c.pem"},
+        {"bootstrap_servers": "k:9092", "security_protocol": "TLS"},
+    ],
+)
+def test_incomplete_cluster_settings_are_refused(fields: dict[str, str]) -> None:
+    with pytest.raises(ValidationError):
+        KafkaClusterSettings.model_validate(fields)
+
+
+# --- against a real broker ----------------------------------------------------------------
+
+
+def one_topic(vm_id: str, *, max_message_bytes: int = 8 * MiB) -> TopicSpec:
+    (spec,) = [
+        spec
+        for spec in vm_topic_specs(
+            vm_id, replication_factor=1, retention_ms=DAY_MS, max_message_bytes=max_message_bytes
+        )
+        if spec.name == topic_name(Stream.BATCH, vm_id)
+    ]
+    return spec
+
+
+async def test_create_topics_is_idempotent_and_refuses_a_different_config(
+    source_cluster: KafkaClusterSettings, vm_id: str
+) -> None:
+    specs = vm_topic_specs(vm_id, replication_factor=1, retention_ms=DAY_MS, max_message_bytes=MiB)
+    names = [spec.name for spec in specs]
+    async with Admin(source_cluster) as admin:
+        assert sorted(await admin.create_topics(specs)) == sorted(names)
+        assert await admin.create_topics(specs) == []
+        described = await admin.describe_topics(names)
+        for spec in specs:
+            assert described[spec.name].partitions == 1
+            assert described[spec.name].replication_factor == 1
+            for key, value in spec.configs.items():
+                assert described[spec.name].configs[key] == value
+
+        changed = vm_topic_specs(
+            vm_id, replication_factor=1, retention_ms=2 * DAY_MS, max_message_bytes=MiB
+        )
+        with pytest.raises(TopicExists, match=r"retention\.ms"):
+            await admin.create_topics(changed)
+
+        await admin.delete_topics(names)
+        assert not set(names) & await admin.list_topics()
+        await admin.delete_topics(names)  # already gone: fine
+        with pytest.raises(UnknownTopic):
+            await admin.describe_topics(names[:1])
+
+
+async def test_producing_to_a_missing_topic_is_fatal(source_cluster: KafkaClusterSettings) -> None:
+    missing = topic_name(Stream.TAP, "never-created")
+    async with Producer(source_cluster, request_timeout_ms=1500) as producer:
+        with pytest.raises(UnknownTopic):
+            await producer.send_and_wait(missing, b"lost?")
+    async with Admin(source_cluster) as admin:
+        assert missing not in await admin.list_topics()  # auto-create is off
+
+
+async def test_oversized_records_raise_message_too_large(
+    source_cluster: KafkaClusterSettings, vm_id: str
+) -> None:
+    spec = one_topic(vm_id, max_message_bytes=64 * KiB)
+    async with Admin(source_cluster) as admin:
+        await admin.create_topics([spec])
+    async with Producer(source_cluster, max_request_size=MiB) as producer:
+        # Refused by the broker: larger than the topic's max.message.bytes.
+        with pytest.raises(MessageTooLarge):
+            await producer.send_and_wait(spec.name, b"x" * (200 * KiB))
+        # Refused by the producer: larger than its max_request_size.
+        with pytest.raises(MessageTooLarge):
+            await producer.send(spec.name, b"x" * (2 * MiB))
+        # The producer is still good for records that fit.
+        metadata = await producer.send_and_wait(spec.name, b"fits")
+    async with Consumer(source_cluster) as consumer:
+        tp = TopicPartition(spec.name, 0)
+        consumer.assign([tp])
+        consumer.seek(tp, metadata.offset)
+        fetched = await consumer.getmany(tp, timeout_ms=5000)
+        assert [record.value for record in fetched[tp]] == [b"fits"]
+
+
+async def test_zstd_compressed_records_round_trip(
+    source_cluster: KafkaClusterSettings, vm_id: str
+) -> None:
+    spec = one_topic(vm_id)
+    async with Admin(source_cluster) as admin:
+        await admin.create_topics([spec])
+    values = [bytes([i]) * (256 * KiB) for i in range(6)]
+    async with Producer(source_cluster, compression_type="zstd", linger_ms=50) as producer:
+        deliveries = [await producer.send(spec.name, value, key=b"k") for value in values]
+        for delivery in deliveries:
+            await delivery
+    tp = TopicPartition(spec.name, 0)
+    async with Consumer(source_cluster) as consumer:
+        consumer.assign([tp])
+        assert (await consumer.end_offsets([tp]))[tp] == len(values)
+        received: list[bytes] = []
+        while len(received) < len(values):
+            fetched = await consumer.getmany(tp, timeout_ms=5000)
+            assert fetched, "no records within 5 s"
+            received += [record.value for record in fetched[tp]]
+        assert received == values
+        assert await consumer.position(tp) == len(values)
+
+
+async def test_a_newer_transactional_producer_fences_the_older_one(
+    target_cluster: KafkaClusterSettings, vm_id: str
+) -> None:
+    spec = one_topic(vm_id)
+    async with Admin(target_cluster) as admin:
+        await admin.create_topics([spec])
+    txn_id = f"dm-tx-{vm_id}"
+    async with TransactionalProducer(target_cluster, transactional_id=txn_id) as old:
+        async with old.transaction():
+            await old.send(spec.name, b"from the old one")
+        async with TransactionalProducer(target_cluster, transactional_id=txn_id) as new:
+            with pytest.raises(ProducerFenced):
+                async with old.transaction():
+                    await old.send(spec.name, b"zombie write")
+            async with new.transaction():
+                await new.send(spec.name, b"from the new one")
+    tp = TopicPartition(spec.name, 0)
+    async with Consumer(target_cluster) as consumer:
+        consumer.assign([tp])
+        end = (await consumer.end_offsets([tp]))[tp]
+        values: list[bytes] = []
+        while await consumer.position(tp) < end:
+            fetched = await consumer.getmany(tp, timeout_ms=5000)
+            values += [record.value for record in fetched.get(tp, [])]
+    assert values == [b"from the old one", b"from the new one"]
