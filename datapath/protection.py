@@ -67,7 +67,8 @@ class ProtectedVM(_Strict):
     def _check(self) -> Self:
         if not VM_ID_PATTERN.match(self.id):
             raise ValueError(
-                f"VM id {self.id!r} must be 1-120 characters of letters, digits, '_' and '-' (Kafka topic names treat . and _ alike)"
+                f"VM id {self.id!r} must be 1-120 characters of letters, digits, '_' and '-'"
+                " (Kafka topic names treat '.' and '_' alike)"
             )
         names = [d.name for d in self.disks]
         if len(set(names)) != len(names):
