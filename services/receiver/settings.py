@@ -1,0 +1,52 @@
+"""The receiver's settings: environment variables ``DM_RECEIVER_*`` or arguments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIB = 1024 * 1024
+
+
+class ReceiverSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DM_RECEIVER_", extra="forbid", frozen=True)
+
+    plan: Path = Field(description="protection plan (YAML/TOML): VMs and the source cluster")
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8101, ge=0, le=65535)
+
+    group_id: str = Field(
+        default="datamover-receiver",
+        description="consumer group shared by every receiver of the source site",
+    )
+    instance_id: str | None = Field(
+        default=None,
+        description=(
+            "static group membership id, unique per receiver (e.g. the pod name): a "
+            "restarted receiver takes its VMs back at once instead of after a rebalance"
+        ),
+    )
+    transactional_id_prefix: str = Field(
+        default="datamover-receiver",
+        description="transactional ids are <prefix>.<vm id>: one per VM, stable everywhere",
+    )
+
+    batch_interval_s: float = Field(default=0.2, gt=0, description="cut a batch this often")
+    max_batch_bytes: int = Field(
+        default=16 * MIB, ge=1, description="cut a batch at this much raw guest data"
+    )
+    max_batch_records: int = Field(default=100_000, ge=1)
+    max_record_bytes: int = Field(
+        default=MIB, ge=512, description="folding merges adjacent data up to this size"
+    )
+    fold: bool = Field(default=True, description="fold overwrites (off only for baselines)")
+    compress: bool = Field(default=True, description="zstd-compress batches")
+    compression_level: int = Field(default=3, ge=-7, le=22)
+
+    session_timeout_ms: int = Field(default=10_000, ge=6_000)
+    transaction_timeout_ms: int = Field(default=60_000, ge=1_000)
+    kafka_retry_attempts: int = Field(default=8, ge=1)
+    kafka_retry_backoff_s: float = Field(default=0.5, gt=0)
+    lag_refresh_s: float = Field(default=2.0, gt=0)

@@ -1,0 +1,619 @@
+"""The receiver's worker loop: tap topics in, consistency batches out, exactly once.
+
+One consumer, in the receiver group, reads the tap topics of the VMs the group assigned
+to this receiver. Every VM has its own pipeline: a :class:`VmBatcher` and a transactional
+producer whose id is ``<prefix>.<vm id>``. A VM's batches, its dead letters and status
+events, and its consumed tap offset commit in one transaction of that producer, so a
+crash at any point leaves either all of them or none.
+
+Why one transactional id per VM: aiokafka 0.14 commits offsets with TxnOffsetCommit v0,
+which carries no group generation (no KIP-447 fencing). When the group moves a VM to
+another receiver, the new owner starts a producer with the same id; that fences the old
+owner's producer and completes or aborts its open transaction before the new owner reads
+the committed offset and the batch topic's tail. A zombie can then commit nothing more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.structs import TopicPartition
+from prometheus_client import CollectorRegistry
+
+from datapath.journal import (
+    Batch,
+    ChunkHeader,
+    JournalError,
+    RecordKind,
+    encode_batch,
+    encoded_record_size,
+)
+from datapath.kafka import (
+    Consumer,
+    KafkaClusterSettings,
+    KafkaError,
+    KafkaMetrics,
+    KafkaUnavailable,
+    ProducerFenced,
+    TransactionalProducer,
+    retrying,
+)
+from datapath.protection import ProtectedVM, ProtectionPlan, load_protection_plan
+from datapath.provisioning import ensure_plan_topics
+from datapath.topics import Stream, topic_name
+
+from .batch_tail import read_batch_tails
+from .batcher import BatcherLimits, CutBatch, Outbox, VmBatcher
+from .deadline import within
+from .group_consumer import GroupConsumer
+from .metrics import ReceiverMetrics
+from .settings import ReceiverSettings
+from .status_events import outgoing_for
+
+log = logging.getLogger(__name__)
+
+# Room left in a Kafka message for the record framing around a batch chunk.
+_MESSAGE_OVERHEAD = 4096
+_PRODUCER_REQUEST_SLACK = 64 * 1024
+_STOP_GRACE_S = 10.0
+_DATA_KINDS = frozenset({RecordKind.WRITE, RecordKind.SYNC_BLOCK})
+
+
+@dataclass(slots=True)
+class EncodedBatch:
+    cut: CutBatch
+    batch: Batch
+    chunks: list[bytes]
+    payload_bytes: int
+
+
+class VmPipeline:
+    """One assigned VM: its batcher and its transactional producer."""
+
+    def __init__(
+        self, vm: ProtectedVM, partition: TopicPartition, producer: TransactionalProducer
+    ) -> None:
+        self.vm = vm
+        self.partition = partition
+        self.producer = producer
+        self.batch_topic = topic_name(Stream.BATCH, vm.id)
+        self.deadletter_topic = topic_name(Stream.DEADLETTER, vm.id)
+        self.batcher: VmBatcher | None = None  # None while (re)opening
+        self.fenced = False
+        self.last_error: str | None = None
+        self.committed_offset: int | None = None
+        self.last_committed_seq: int | None = None
+        self.log_end: int | None = None
+        self.retry_at = 0.0
+        self.inflight: asyncio.Task[None] | None = None  # the transaction being published
+        # Batcher counters already added to the Prometheus counters (reset with the batcher).
+        self.reported: dict[str, int] = {}
+
+    @property
+    def healthy(self) -> bool:
+        return self.batcher is not None and not self.fenced
+
+    async def close(self) -> None:
+        try:
+            await self.producer.stop()
+        except KafkaError as exc:
+            log.warning("VM %s: closing its producer failed: %s", self.vm.id, exc)
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, receiver: Receiver) -> None:
+        self._receiver = receiver
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self._receiver.partitions_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        await self._receiver.partitions_assigned(assigned)
+
+
+class Receiver:
+    """The receiver service's worker (see :class:`datapath.service.Worker`)."""
+
+    def __init__(self, settings: ReceiverSettings, plan: ProtectionPlan | None = None) -> None:
+        self.settings = settings
+        self.registry = CollectorRegistry()
+        self.metrics = ReceiverMetrics(self.registry)
+        self.kafka_metrics = KafkaMetrics(self.registry)
+        self._plan = plan
+        self._vms_by_tap: dict[str, ProtectedVM] = {}
+        self._pipes: dict[TopicPartition, VmPipeline] = {}
+        self._lock = asyncio.Lock()
+        self._consumer: GroupConsumer | None = None
+        self._tail_consumer: Consumer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._instance = settings.instance_id or f"{socket.gethostname()}"
+        self._limits = BatcherLimits(
+            interval_s=settings.batch_interval_s,
+            max_batch_bytes=settings.max_batch_bytes,
+            max_batch_records=settings.max_batch_records,
+        )
+        self._joined = False
+        self._stopping = False
+        self._max_queued_bytes = 4 * settings.max_batch_bytes
+        self._last_loop_error: str | None = None
+        self._next_lag_refresh = 0.0
+
+    # -- Worker protocol
+
+    async def start(self) -> None:
+        plan = self._plan or load_protection_plan(self.settings.plan)
+        self._plan = plan
+        self._vms_by_tap = {topic_name(Stream.TAP, vm.id): vm for vm in plan.vms}
+        cluster = plan.sites.source.kafka
+        await ensure_plan_topics(cluster, plan.vms, metrics=self.kafka_metrics)
+        self._tail_consumer = Consumer(cluster, isolation_level="read_committed")
+        await self._tail_consumer.start()
+        self._consumer = GroupConsumer(
+            cluster,
+            group_id=self.settings.group_id,
+            group_instance_id=self.settings.instance_id,
+            session_timeout_ms=self.settings.session_timeout_ms,
+            fetch_max_wait_ms=min(100, int(self.settings.batch_interval_s * 1000)),
+        )
+        await self._consumer.start()
+        self._consumer.subscribe_with_listener(sorted(self._vms_by_tap), _Rebalance(self))
+        self._task = asyncio.create_task(self._run(), name="receiver-loop")
+        log.info(
+            "receiver %s started: %d VMs on %s, group %s",
+            self._instance,
+            len(plan.vms),
+            cluster.describe(),
+            self.settings.group_id,
+        )
+
+    async def stop(self) -> None:
+        self._stopping = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        async with self._lock:
+            pipes = list(self._pipes.values())
+            self._pipes.clear()
+        await _settle([pipe.inflight for pipe in pipes], timeout_s=_STOP_GRACE_S)
+        await asyncio.gather(*(pipe.close() for pipe in pipes))
+        for consumer in (self._consumer, self._tail_consumer):
+            if consumer is not None:
+                try:
+                    await consumer.stop()
+                except KafkaError as exc:
+                    log.warning("stopping a consumer failed: %s", exc)
+        self._consumer = self._tail_consumer = None
+        log.info("receiver %s stopped", self._instance)
+
+    def ready(self) -> bool:
+        return (
+            self._task is not None
+            and not self._task.done()
+            and self._joined
+            and all(pipe.healthy for pipe in self._pipes.values())
+        )
+
+    def status(self) -> dict[str, Any]:
+        vms = {}
+        for pipe in self._pipes.values():
+            batcher = pipe.batcher
+            vms[pipe.vm.id] = {
+                "tap_topic": pipe.partition.topic,
+                "batch_topic": pipe.batch_topic,
+                "healthy": pipe.healthy,
+                "fenced": pipe.fenced,
+                "last_error": pipe.last_error,
+                "committed_offset": pipe.committed_offset,
+                "log_end_offset": pipe.log_end,
+                "last_committed_seq": pipe.last_committed_seq,
+                "next_seq": batcher.next_seq if batcher else None,
+                "epoch": batcher.epoch if batcher else None,
+                "open_resync": batcher.open_resync if batcher else None,
+                "pending_records": batcher.pending_records if batcher else None,
+                "counters": _counters(batcher),
+            }
+        return {
+            "service": "receiver",
+            "instance": self._instance,
+            "group_id": self.settings.group_id,
+            "ready": self.ready(),
+            "joined": self._joined,
+            "last_loop_error": self._last_loop_error,
+            "vms": vms,
+        }
+
+    # -- rebalancing
+
+    async def partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        async with self._lock:
+            closing = [self._pipes.pop(tp) for tp in revoked if tp in self._pipes]
+        # A transaction in flight ends (commits or fails) before the VM moves on, so the
+        # next owner starts from a settled state. Pending records are dropped: the next
+        # owner reads them again from the committed offset.
+        await _settle([pipe.inflight for pipe in closing])
+        await asyncio.gather(*(pipe.close() for pipe in closing))
+        self.metrics.assigned_vms.set(len(self._pipes))
+        if closing:
+            log.info("revoked VMs: %s", ", ".join(p.vm.id for p in closing))
+
+    async def partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        if self._stopping:
+            return  # a rebalance that raced with stop(): the VMs go to the others
+        async with self._lock:
+            opening = []
+            for tp in assigned:
+                vm = self._vms_by_tap.get(tp.topic)
+                if vm is None or tp in self._pipes:
+                    continue
+                pipe = VmPipeline(vm, tp, self._new_producer(vm))
+                self._pipes[tp] = pipe
+                opening.append(pipe)
+            await self._open_pipes(opening)
+            self._joined = True
+        self.metrics.assigned_vms.set(len(self._pipes))
+        if opening:
+            log.info("assigned VMs: %s", ", ".join(p.vm.id for p in opening))
+
+    def _new_producer(self, vm: ProtectedVM) -> TransactionalProducer:
+        return TransactionalProducer(
+            self._source_cluster(),
+            transactional_id=f"{self.settings.transactional_id_prefix}.{vm.id}",
+            transaction_timeout_ms=self.settings.transaction_timeout_ms,
+            max_request_size=vm.journal.max_message_bytes + _PRODUCER_REQUEST_SLACK,
+            linger_ms=0,
+        )
+
+    def _source_cluster(self) -> KafkaClusterSettings:
+        assert self._plan is not None
+        return self._plan.sites.source.kafka
+
+    async def _open_pipes(self, pipes: list[VmPipeline]) -> None:
+        """Fences the VMs' previous owners, then loads where their batches end."""
+        if not pipes:
+            return
+        for pipe in pipes:
+            pipe.batcher = None
+        # Starting a producer runs InitProducerId: it fences any other producer of the VM
+        # and waits until that one's open transaction is completed or aborted, so what is
+        # read next is final.
+        started = await asyncio.gather(
+            *(self._retry(pipe.producer.start, "receiver_producer_start") for pipe in pipes),
+            return_exceptions=True,
+        )
+        ready = []
+        for pipe, outcome in zip(pipes, started, strict=True):
+            if isinstance(outcome, KafkaError):
+                await self._open_failed(pipe, outcome)
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                ready.append(pipe)
+        if not ready:
+            return
+        consumer, tail_consumer = self._consumer, self._tail_consumer
+        assert consumer is not None and tail_consumer is not None
+        try:
+            tails = await self._retry(
+                lambda: read_batch_tails(
+                    tail_consumer, [TopicPartition(p.batch_topic, 0) for p in ready]
+                ),
+                "receiver_batch_tail",
+            )
+            committed = {}
+            for pipe in ready:
+                committed[pipe] = await self._retry(
+                    lambda pipe=pipe: consumer.committed(pipe.partition),
+                    "receiver_committed_offset",
+                )
+            fresh = [p.partition for p in ready if committed[p] is None]
+            begins = {}
+            if fresh:
+                begins = await self._retry(
+                    lambda: consumer.beginning_offsets(fresh), "receiver_log_start"
+                )
+        except KafkaError as exc:
+            for pipe in ready:
+                await self._open_failed(pipe, exc)
+            return
+        for pipe in ready:
+            offset = committed[pipe]
+            if offset is None:
+                offset = begins[pipe.partition]
+            self._resume(pipe, offset, tails[TopicPartition(pipe.batch_topic, 0)])
+
+    async def _open_failed(self, pipe: VmPipeline, exc: KafkaError) -> None:
+        pipe.last_error = f"opening failed: {exc}"
+        pipe.retry_at = time.monotonic() + self.settings.kafka_retry_backoff_s * 4
+        self.metrics.errors.labels(kind="open").inc()
+        log.error("VM %s: cannot open its pipeline (will retry): %s", pipe.vm.id, exc)
+        await pipe.close()
+        pipe.producer = self._new_producer(pipe.vm)
+
+    def _resume(self, pipe: VmPipeline, offset: int, tail: ChunkHeader | None) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        consumer.seek(pipe.partition, offset)
+        pipe.committed_offset = offset
+        pipe.fenced = False
+        pipe.last_error = None
+        pipe.last_committed_seq = tail.last_seq if tail else None
+        pipe.reported = {}
+        pipe.batcher = VmBatcher(
+            pipe.vm.id,
+            start_offset=offset,
+            next_seq=tail.last_seq + 1 if tail else None,
+            epoch=tail.epoch if tail else None,
+            open_resync=tail.resync_id if tail and not tail.resync_complete else 0,
+            limits=self._limits,
+        )
+        log.info(
+            "VM %s: resuming at tap offset %d, next seq %s, epoch %s%s",
+            pipe.vm.id,
+            offset,
+            pipe.batcher.next_seq,
+            pipe.batcher.epoch,
+            f", inside resync {pipe.batcher.open_resync}" if pipe.batcher.open_resync else "",
+        )
+
+    async def _retry(self, op: Any, what: str) -> Any:
+        return await retrying(
+            op,
+            what=what,
+            attempts=self.settings.kafka_retry_attempts,
+            backoff=self.settings.kafka_retry_backoff_s,
+            metrics=self.kafka_metrics,
+        )
+
+    # -- the loop
+
+    async def _run(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        poll_ms = max(10, min(100, int(self.settings.batch_interval_s * 500)))
+        while True:
+            try:
+                fetched = await consumer.getmany(timeout_ms=poll_ms)
+                await self._step(fetched)
+                self._last_loop_error = None
+            except KafkaUnavailable as exc:
+                self._last_loop_error = str(exc)
+                self.metrics.errors.labels(kind="kafka").inc()
+                log.warning("source cluster unavailable: %s", exc)
+                await asyncio.sleep(self.settings.kafka_retry_backoff_s)
+            except KafkaError as exc:
+                self._last_loop_error = str(exc)
+                self.metrics.errors.labels(kind="kafka").inc()
+                log.error("receiver loop error (continuing): %s", exc)
+                await asyncio.sleep(self.settings.kafka_retry_backoff_s)
+
+    async def _step(self, fetched: dict[TopicPartition, list[Any]]) -> None:
+        async with self._lock:
+            now = time.monotonic()
+            for tp, messages in fetched.items():
+                pipe = self._pipes.get(tp)
+                if pipe is None or pipe.batcher is None or pipe.fenced:
+                    continue  # re-read from the committed offset once the pipe is open
+                labels = self.metrics.tap_messages.labels(vm=pipe.vm.id)
+                tap_bytes = self.metrics.tap_bytes.labels(vm=pipe.vm.id)
+                for message in messages:
+                    pipe.batcher.add_message(message.offset, message.value, now)
+                    labels.inc()
+                    tap_bytes.inc(len(message.value))
+                self._report_counters(pipe)
+            await self._open_pipes(
+                [
+                    pipe
+                    for pipe in self._pipes.values()
+                    if pipe.batcher is None and not pipe.fenced and now >= pipe.retry_at
+                ]
+            )
+            backlogged = []
+            for pipe in self._pipes.values():
+                batcher = pipe.batcher
+                if batcher is None:
+                    continue
+                batcher.cut_due(now)
+                if pipe.inflight is not None and not pipe.inflight.done():
+                    # One transaction per VM at a time; the next one takes everything cut
+                    # meanwhile. Too much waiting already: stop reading until it is sent.
+                    if batcher.queued_bytes > self._max_queued_bytes:
+                        backlogged.append(pipe.inflight)
+                    continue
+                outbox = batcher.take_outbox()
+                if outbox is not None:
+                    pipe.inflight = asyncio.create_task(
+                        self._publish(pipe, outbox), name=f"publish-{pipe.vm.id}"
+                    )
+            if backlogged:
+                await asyncio.wait(backlogged)
+            if now >= self._next_lag_refresh:
+                self._next_lag_refresh = now + self.settings.lag_refresh_s
+                await self._refresh_lag()
+
+    async def _publish(self, pipe: VmPipeline, outbox: Outbox) -> None:
+        started = time.monotonic()
+        vm_id = pipe.vm.id
+        try:
+            encoded = await asyncio.to_thread(self._encode, pipe.vm, outbox.batches)
+            await within(
+                self.settings.transaction_timeout_ms / 1000,
+                self._transaction(pipe, outbox, encoded),
+            )
+        except ProducerFenced as exc:
+            # Another receiver owns this VM now; our consumer will be told at the rebalance.
+            pipe.fenced = True
+            pipe.batcher = None
+            pipe.last_error = f"fenced: {exc}"
+            self.metrics.errors.labels(kind="fenced").inc()
+            log.warning("VM %s: producer fenced, another receiver took over: %s", vm_id, exc)
+            return
+        except (KafkaError, TimeoutError, JournalError) as exc:
+            kind = "encode" if isinstance(exc, JournalError) else "transaction"
+            pipe.last_error = f"{kind} failed: {exc!r}"
+            self.metrics.errors.labels(kind=kind).inc()
+            log.error(
+                "VM %s: transaction failed, nothing of it is visible; reopening: %r", vm_id, exc
+            )
+            # The loop reopens the pipe: a new producer aborts what is left, and reading
+            # resumes at the committed offset.
+            pipe.batcher = None
+            pipe.retry_at = 0.0
+            await pipe.close()
+            pipe.producer = self._new_producer(pipe.vm)
+            return
+        finally:
+            self.metrics.transaction_seconds.observe(time.monotonic() - started)
+        pipe.committed_offset = outbox.commit_offset
+        m = self.metrics
+        for item in encoded:
+            cut, batch = item.cut, item.batch
+            pipe.last_committed_seq = batch.last_seq
+            m.batches.labels(vm=vm_id).inc()
+            m.batch_bytes.labels(vm=vm_id).inc(sum(len(c) for c in item.chunks))
+            m.records_in.labels(vm=vm_id).inc(len(cut.records))
+            m.records_out.labels(vm=vm_id).inc(len(batch.records))
+            m.data_in.labels(vm=vm_id).inc(cut.data_bytes)
+            m.data_out.labels(vm=vm_id).inc(
+                sum(r.length for r in batch.records if r.kind in _DATA_KINDS)
+            )
+            m.payload.labels(vm=vm_id).inc(item.payload_bytes)
+        self._update_ratios(vm_id)
+        for event in outbox.events:
+            m.status_events.labels(type=type(event).__name__).inc()
+
+    def _encode(self, vm: ProtectedVM, batches: Sequence[CutBatch]) -> list[EncodedBatch]:
+        settings = self.settings
+        limit = vm.journal.max_message_bytes - _MESSAGE_OVERHEAD
+        encoded = []
+        for cut in batches:
+            if settings.fold:
+                batch = cut.folded(max_record_bytes=settings.max_record_bytes)
+            else:
+                batch = cut.unfolded()
+            chunks = encode_batch(
+                batch,
+                max_message_bytes=limit,
+                compress=settings.compress,
+                level=settings.compression_level,
+            )
+            payload = sum(encoded_record_size(r) for r in batch.records)
+            encoded.append(EncodedBatch(cut, batch, chunks, payload))
+        return encoded
+
+    async def _transaction(
+        self, pipe: VmPipeline, outbox: Outbox, encoded: list[EncodedBatch]
+    ) -> None:
+        producer = pipe.producer
+        async with producer.transaction():
+            deliveries = []
+            for item in encoded:
+                for chunk in item.chunks:
+                    deliveries.append(await producer.send(pipe.batch_topic, chunk, partition=0))
+            for event in outbox.events:
+                for message in outgoing_for(
+                    event,
+                    instance=self._instance,
+                    tap_topic=pipe.partition.topic,
+                    deadletter_topic=pipe.deadletter_topic,
+                    status_topic=topic_name(Stream.STATUS),
+                ):
+                    deliveries.append(
+                        await producer.send(
+                            message.topic, message.value, message.key, headers=message.headers
+                        )
+                    )
+            producer.send_offsets_to_transaction(
+                {pipe.partition: outbox.commit_offset}, self.settings.group_id
+            )
+            for delivery in deliveries:
+                await delivery
+
+    def _report_counters(self, pipe: VmPipeline) -> None:
+        assert pipe.batcher is not None
+        counters = pipe.batcher.counters
+        m = self.metrics
+        for name, metric in (
+            ("duplicates_skipped", m.duplicates),
+            ("gaps", m.gaps),
+            ("quarantined", m.quarantined),
+        ):
+            value = getattr(counters, name)
+            delta = value - pipe.reported.get(name, 0)
+            if delta > 0:
+                metric.labels(vm=pipe.vm.id).inc(delta)
+                pipe.reported[name] = value
+
+    def _update_ratios(self, vm_id: str) -> None:
+        m = self.metrics
+        data_in = m.data_in.labels(vm=vm_id)._value.get()
+        data_out = m.data_out.labels(vm=vm_id)._value.get()
+        payload = m.payload.labels(vm=vm_id)._value.get()
+        out = m.batch_bytes.labels(vm=vm_id)._value.get()
+        if data_in:
+            m.fold_ratio.labels(vm=vm_id).set(data_out / data_in)
+        if payload:
+            m.compression_ratio.labels(vm=vm_id).set(out / payload)
+
+    async def _refresh_lag(self) -> None:
+        consumer = self._consumer
+        if consumer is None or not self._pipes:
+            return
+        try:
+            ends = await consumer.end_offsets(list(self._pipes))
+        except KafkaError as exc:
+            log.debug("lag refresh failed: %s", exc)
+            return
+        now_ns = time.time_ns()
+        for tp, pipe in self._pipes.items():
+            end = ends.get(tp)
+            pipe.log_end = end
+            if end is not None and pipe.committed_offset is not None:
+                self.metrics.lag_messages.labels(vm=pipe.vm.id).set(
+                    max(0, end - pipe.committed_offset)
+                )
+            oldest = pipe.batcher.oldest_pending_ts_ns if pipe.batcher else None
+            self.metrics.lag_seconds.labels(vm=pipe.vm.id).set(
+                0.0 if oldest is None else max(0.0, (now_ns - oldest) / 1e9)
+            )
+
+
+async def _settle(
+    tasks: Iterable[asyncio.Task[None] | None], *, timeout_s: float | None = None
+) -> None:
+    """Waits for publishing tasks to end (each is bounded by the transaction timeout);
+    after ``timeout_s`` the rest are cancelled: their transactions never commit."""
+    pending = [task for task in tasks if task is not None and not task.done()]
+    if not pending:
+        return
+    _, late = await asyncio.wait(pending, timeout=timeout_s)
+    for task in late:
+        task.cancel()
+    if late:
+        await asyncio.wait(late)
+
+
+def _counters(batcher: VmBatcher | None) -> dict[str, int] | None:
+    if batcher is None:
+        return None
+    c = batcher.counters
+    return {
+        "messages": c.messages,
+        "stale_messages": c.stale_messages,
+        "records": c.records,
+        "data_bytes": c.data_bytes,
+        "duplicates_skipped": c.duplicates_skipped,
+        "gaps": c.gaps,
+        "regressions": c.regressions,
+        "quarantined": c.quarantined,
+        "batches_cut": c.batches_cut,
+    }

@@ -1,0 +1,52 @@
+"""``dmover transceiver``: run the transceiver service (wired into the CLI by dmover/cli.py)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import typer
+
+from datapath.service import run_app
+
+from .app import create_app
+from .settings import TransceiverSettings
+
+log = logging.getLogger(__name__)
+
+
+def transceiver_command(
+    plan: Annotated[Path, typer.Option("--plan", help="protection plan file (YAML or TOML)")],
+    host: Annotated[str, typer.Option(help="HTTP address for /health /ready /metrics")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="HTTP port")] = 8102,
+    mode: Annotated[
+        Literal["continuous", "periodic"] | None,
+        typer.Option(help="continuous (default) or periodic"),
+    ] = None,
+    interval: Annotated[
+        float | None, typer.Option(help="periodic mode: seconds between copies")
+    ] = None,
+    bandwidth: Annotated[
+        int | None, typer.Option(help="WAN throttle in bytes/s for this gateway pair")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING, ERROR")] = "INFO",
+) -> None:
+    """Copy the VMs' batch topics from the source cluster to the target, exactly once."""
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    overrides: dict[str, Any] = {"plan": plan, "http_host": host, "http_port": port}
+    if mode is not None:
+        overrides["mode"] = mode
+    if interval is not None:
+        overrides["interval_s"] = interval
+    if bandwidth is not None:
+        overrides["bandwidth_bytes_per_s"] = bandwidth
+    settings = TransceiverSettings(**overrides)
+    log.info("transceiver settings: %s", settings.model_dump_json())
+    run_app(
+        create_app(settings), settings.http_host, settings.http_port, log_level=log_level.lower()
+    )
