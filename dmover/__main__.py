@@ -1,0 +1,3 @@
+from dmover.cli import app
+
+app()

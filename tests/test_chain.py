@@ -1,0 +1,142 @@
+"""The whole chain on real parts: NBD client -> tap -> source Kafka -> receiver ->
+transceiver -> target Kafka -> applier -> target disk, each service a real process
+started by `dmover` exactly as `dmover local up` starts it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from datapath.localsite import KafkaSite
+from datapath.protection import load_protection_plan
+from dmover.local import Endpoints, LocalDeployment, wait_drained
+
+REPO = Path(__file__).resolve().parent.parent
+DISK_SIZE = 64 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def chain(
+    tmp_path_factory: pytest.TempPathFactory, source_site: KafkaSite, target_site: KafkaSite
+) -> Iterator[tuple[LocalDeployment, Endpoints]]:
+    run = uuid.uuid4().hex[:8]
+    deployment = LocalDeployment(
+        tmp_path_factory.mktemp("chain"),
+        disk_size=DISK_SIZE,
+        vm_id=f"chain-{run}",
+        kafka=(source_site.bootstrap, target_site.bootstrap),
+        env={
+            "DM_RECEIVER_GROUP_ID": f"receiver-{run}",
+            "DM_RECEIVER_TRANSACTIONAL_ID_PREFIX": f"receiver-{run}",
+            "DM_TRANSCEIVER_GATEWAY_PAIR": f"pair-{run}",
+            "DM_TRANSCEIVER_TRANSACTIONAL_ID_PREFIX": f"transceiver-{run}",
+        },
+    )
+    endpoints = deployment.start()
+    try:
+        yield deployment, endpoints
+    finally:
+        deployment.stop()
+
+
+def _disk(chain: tuple[LocalDeployment, Endpoints]) -> tuple[str, str, str, str]:
+    _, endpoints = chain
+    vm = load_protection_plan(endpoints.plan).vms[0]
+    disk = vm.disks[0]
+    return vm.id, f"{endpoints.nbd}/{vm.id}/{disk.name}", disk.source, disk.target
+
+
+def _run(argv: list[str], cwd: Path | None = None) -> str:
+    result = subprocess.run(argv, capture_output=True, text=True, cwd=cwd, timeout=300)
+    assert result.returncode == 0, f"{argv[0]} failed: {result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def _drain_and_pause(chain: tuple[LocalDeployment, Endpoints], vm_id: str) -> httpx.Client:
+    _, endpoints = chain
+    http = httpx.Client(timeout=30.0)
+    wait_drained(http, endpoints, vm_id, timeout=240)
+    response = http.post(f"{endpoints.services['applier']}/vms/{vm_id}/pause")
+    assert response.status_code < 300, response.text
+    return http
+
+
+def _resume(chain: tuple[LocalDeployment, Endpoints], vm_id: str, http: httpx.Client) -> None:
+    _, endpoints = chain
+    http.post(f"{endpoints.services['applier']}/vms/{vm_id}/resume").raise_for_status()
+    http.close()
+
+
+def test_ext4_written_through_the_tap_is_replicated_consistent_and_thin(
+    chain: tuple[LocalDeployment, Endpoints], tmp_path: Path
+) -> None:
+    vm_id, export, source, target = _disk(chain)
+    content = tmp_path / "content"
+    shutil.copytree(
+        REPO / "datapath", content / "datapath", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    (content / "random.bin").write_bytes(os.urandom(3 * 1024 * 1024))
+    image = tmp_path / "fs.img"
+    _run(
+        [
+            "mke2fs",
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-d",
+            str(content),
+            str(image),
+            f"{DISK_SIZE // 1024}k",
+        ]
+    )
+    _run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(image), export])
+
+    http = _drain_and_pause(chain, vm_id)
+    try:
+        _run(["qemu-img", "compare", "-f", "raw", "-F", "raw", source, target])
+        _run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(image), target])
+        _run(["e2fsck", "-fn", target])
+        allocated = os.stat(target).st_blocks * 512
+        assert allocated < DISK_SIZE // 2, f"target not thin: {allocated} bytes allocated"
+    finally:
+        _resume(chain, vm_id, http)
+
+
+def test_fio_verify_through_the_tap_then_verify_only_on_the_target(
+    chain: tuple[LocalDeployment, Endpoints], tmp_path: Path
+) -> None:
+    vm_id, export, source, target = _disk(chain)
+    host_port = export.removeprefix("nbd://").split("/", 1)[0]
+    export_name = export.split("/", 3)[3]
+    job = [
+        "--name=chain",
+        "--rw=randwrite",
+        "--bs=4k",
+        "--size=16m",
+        "--offset=32m",
+        "--verify=crc32c",
+        "--verify_state_save=0",
+        "--randseed=42",
+        "--direct=0",
+    ]
+    _run(
+        ["fio", "--ioengine=nbd", f"--uri=nbd://{host_port}/{export_name}", "--iodepth=16", *job],
+        cwd=tmp_path,
+    )
+
+    http = _drain_and_pause(chain, vm_id)
+    try:
+        _run(
+            ["fio", "--ioengine=psync", f"--filename={target}", "--verify_only", *job], cwd=tmp_path
+        )
+        _run(["qemu-img", "compare", "-f", "raw", "-F", "raw", source, target])
+    finally:
+        _resume(chain, vm_id, http)

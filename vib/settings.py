@@ -1,0 +1,79 @@
+"""The tap's settings: environment variables with the prefix DM_TAP_ (or arguments)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Self
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class OutagePolicy(StrEnum):
+    """What the tap does when Kafka is unreachable or its buffer is full."""
+
+    # Keep serving the guest at full speed; record dirty regions in the persistent
+    # bitmap and resync them when Kafka is back.
+    TRACK = "track"
+    # Make guest writes wait for buffer space (the guest slows down to Kafka's pace;
+    # if Kafka is down for longer than outage_timeout_s the tap tracks anyway).
+    BACKPRESSURE = "backpressure"
+
+
+def _power_of_two(value: int, name: str) -> None:
+    if value <= 0 or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two, got {value}")
+
+
+class TapSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DM_TAP_", extra="ignore")
+
+    plan: Path = Field(description="protection plan file (YAML or TOML)")
+    state_dir: Path = Field(
+        default=Path("/var/lib/datamover/tap"),
+        description="activity logs, dirty bitmaps and epochs, one directory per VM",
+    )
+    nbd_host: str = "127.0.0.1"
+    nbd_port: int = Field(default=10809, ge=0, le=65535, description="0 picks a free port")
+    nbd_unix_socket: Path | None = Field(default=None, description="also serve on this socket")
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8100, ge=0, le=65535)
+
+    linger_ms: float = Field(default=5.0, ge=0, description="how long a frame waits to fill")
+    frame_max_bytes: int = Field(default=1 << 20, ge=64 << 10, description="frame size bound")
+    buffer_max_bytes: int = Field(
+        default=256 << 20, ge=1 << 20, description="unacknowledged bytes held in memory"
+    )
+    outage_policy: OutagePolicy = OutagePolicy.TRACK
+    outage_timeout_s: float = Field(
+        default=10.0, gt=0, description="a frame unacknowledged this long means an outage"
+    )
+    reconnect_interval_s: float = Field(default=1.0, gt=0)
+    kafka_request_timeout_s: float = Field(default=15.0, gt=0)
+
+    extent_size: int = Field(default=4 << 20, description="activity log extent (power of 2)")
+    activity_log_slots: int = Field(default=1024, ge=1, le=0xFFFE)
+    retire_interval_s: float = Field(default=1.0, gt=0)
+    bitmap_granularity: int = Field(default=64 << 10, description="bytes per dirty bit")
+    resync_chunk_bytes: int = Field(default=1 << 20, ge=4096)
+    resync_max_bytes_per_s: int = Field(
+        default=0, ge=0, description="bound on data a resync reads per second (0: none)"
+    )
+
+    full_sync_on_first_protect: bool = True
+    create_topics: bool = Field(default=True, description="create the VMs' missing topics")
+    producer_process: bool = Field(
+        default=True,
+        description="run each VM's Kafka producer in a child process (off the I/O loop)",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        _power_of_two(self.extent_size, "extent_size")
+        _power_of_two(self.bitmap_granularity, "bitmap_granularity")
+        if self.bitmap_granularity > self.extent_size:
+            raise ValueError("bitmap_granularity must not exceed extent_size")
+        if self.buffer_max_bytes < 2 * self.frame_max_bytes:
+            raise ValueError("buffer_max_bytes must hold at least two frames")
+        return self

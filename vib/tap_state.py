@@ -1,0 +1,101 @@
+"""What the tap keeps on disk for one VM, beside its activity log and dirty bitmaps.
+
+`<state_dir>/<vm_id>/`:
+- `epoch`: the last epoch used, incremented durably every time the tap starts publishing
+  (a start, or a reconnection after an outage), so frames of an older session can be
+  told from newer ones;
+- `last_seq`: the last sequence number Kafka acknowledged, written lazily; only used
+  when the tap topic holds no frame to continue from (e.g. everything expired);
+- `full_sync`: present while a full sync is pending or running: `requested` until every
+  bitmap has been marked dirty and made durable, then `marked`. A tap that finds
+  `requested` marks the bitmaps again (the marks may not have reached the disk).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+
+def _write_durably(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _read_int(path: Path) -> int:
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        return 0
+    try:
+        return int(text)
+    except ValueError as exc:
+        raise ValueError(f"{path} holds {text!r}, not a number") from exc
+
+
+class TapState:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.existed = False
+
+    def open(self) -> None:
+        """Creates the directory; `existed` says whether the VM was protected before."""
+        self.existed = self.directory.is_dir()
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def activity_log_path(self) -> Path:
+        return self.directory / "activity.log"
+
+    def bitmap_path(self, disk_name: str) -> Path:
+        return self.directory / f"{disk_name}.bitmap"
+
+    @property
+    def epoch(self) -> int:
+        return _read_int(self.directory / "epoch")
+
+    def next_epoch(self) -> int:
+        epoch = self.epoch + 1
+        _write_durably(self.directory / "epoch", f"{epoch}\n")
+        return epoch
+
+    @property
+    def last_seq(self) -> int:
+        return _read_int(self.directory / "last_seq")
+
+    def save_last_seq(self, seq: int) -> None:
+        # Lazy on purpose: the topic is the authority, this is only a fallback.
+        path = self.directory / "last_seq"
+        tmp = path.with_name("last_seq.tmp")
+        tmp.write_text(f"{seq}\n")
+        os.replace(tmp, path)
+
+    @property
+    def full_sync(self) -> str | None:
+        """None, "requested" or "marked" (see the module's docstring)."""
+        try:
+            return (self.directory / "full_sync").read_text().strip() or "requested"
+        except FileNotFoundError:
+            return None
+
+    @property
+    def full_sync_pending(self) -> bool:
+        return (self.directory / "full_sync").exists()
+
+    def set_full_sync(self, state: str | None) -> None:
+        path = self.directory / "full_sync"
+        if state is not None:
+            _write_durably(path, f"{state}\n")
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
