@@ -136,15 +136,7 @@ def _positions(
 
 def _table(tap_vm: dict[str, Any], applier_vm: dict[str, Any], what: str) -> Table:
     table = Table(title=f"Datamover — {what}")
-    for column in (
-        "tap sequence",
-        "acknowledged by Kafka",
-        "applied on target",
-        "lag (batches)",
-        "lag (MiB)",
-        "RPO (s)",
-        "tap mode",
-    ):
+    for column in ("tap seq", "acked", "applied", "lag batches", "lag MiB", "RPO s", "mode"):
         table.add_column(column, justify="right")
     table.add_row(
         str(tap_vm["last_seq_assigned"]),
@@ -172,6 +164,7 @@ def _watch(
             figures.rpo_samples.append(float(applier_vm["rpo_seconds"]))
             live.update(_table(tap_vm, applier_vm, "writing through the tap"))
             time.sleep(0.1)
+    console.line()
     if writer.returncode != 0:
         output = writer.stdout.read().decode(errors="replace") if writer.stdout else ""
         raise DemoError(f"qemu-img convert failed ({writer.returncode}): {output}")
@@ -187,21 +180,35 @@ def _drain(
     timeout: float = 300.0,
 ) -> None:
     deadline = time.monotonic() + timeout
-    with Live(console=console, refresh_per_second=8) as live:
-        while True:
-            tap_vm, applier_vm = _positions(http, endpoints, vm_id)
-            live.update(_table(tap_vm, applier_vm, f"{what}: draining to the target"))
-            figures.rpo_samples.append(float(applier_vm["rpo_seconds"]))
-            if applier_vm.get("health") not in (None, "ok", "healthy"):
-                raise DemoError(
-                    f"the applier reports {applier_vm['health']}: {applier_vm['reason']}"
-                )
-            caught_up = is_drained(tap_vm, applier_vm)
-            if caught_up:
-                return
-            if time.monotonic() > deadline:
-                raise DemoError(f"{what} did not drain in {timeout:.0f}s")
-            time.sleep(0.1)
+    try:
+        with Live(console=console, refresh_per_second=8) as live:
+            _drain_loop(http, endpoints, vm_id, figures, what, live, deadline, timeout)
+    finally:
+        console.line()
+
+
+def _drain_loop(
+    http: httpx.Client,
+    endpoints: Endpoints,
+    vm_id: str,
+    figures: Figures,
+    what: str,
+    live: Live,
+    deadline: float,
+    timeout: float,
+) -> None:
+    while True:
+        tap_vm, applier_vm = _positions(http, endpoints, vm_id)
+        live.update(_table(tap_vm, applier_vm, f"{what}: draining to the target"))
+        figures.rpo_samples.append(float(applier_vm["rpo_seconds"]))
+        if applier_vm.get("health") not in (None, "ok", "healthy"):
+            raise DemoError(f"the applier reports {applier_vm['health']}: {applier_vm['reason']}")
+        caught_up = is_drained(tap_vm, applier_vm)
+        if caught_up:
+            return
+        if time.monotonic() > deadline:
+            raise DemoError(f"{what} did not drain in {timeout:.0f}s")
+        time.sleep(0.1)
 
 
 def _verify(
