@@ -75,5 +75,5 @@ def test_invalid_plan_fails_with_a_clear_error(tmp_path: Path, text: str, needle
 
 
 def test_missing_plan_names_the_file(tmp_path: Path) -> None:
-    with pytest.raises(ProtectionPlanError, match="nope.yaml"):
+    with pytest.raises(ProtectionPlanError, match=r"nope\.yaml"):
         load_protection_plan(tmp_path / "nope.yaml")
