@@ -32,7 +32,10 @@ async def test_tap_killed_during_fio_loses_no_write_after_restart(
     plan = write_plan(tmp_path / "plan.yaml", source_cluster, vm_id, disks)
     # A long linger keeps up to half a second of acknowledged writes unpublished at any
     # moment: without the activity log's resync they would be missing from the topic.
-    tap = TapProcess(tmp_path, plan, env={"DM_TAP_LINGER_MS": "500"})
+    # The producer in its own process: it must die with the tap.
+    tap = TapProcess(
+        tmp_path, plan, env={"DM_TAP_LINGER_MS": "500", "DM_TAP_PRODUCER_PROCESS": "true"}
+    )
     await tap.start()
     fio = None
     try:

@@ -68,13 +68,20 @@ async def stop_fio(fio: asyncio.subprocess.Process) -> str:
     return out.decode(errors="replace")
 
 
+@pytest.mark.parametrize("producer_process", [False, True], ids=["in-process", "child-producer"])
 async def test_broker_outage_is_tracked_in_the_bitmap_and_resynced_automatically(
-    private_site: KafkaSite, vm_id: str, tmp_path: Path
+    private_site: KafkaSite, vm_id: str, tmp_path: Path, producer_process: bool
 ) -> None:
     cluster = KafkaClusterSettings(bootstrap_servers=private_site.bootstrap, client_id="dm-test")
     disks = [DiskSpec("d0", tmp_path / "src.img", 64 * MiB)]
     plan = write_plan(tmp_path / "plan.yaml", cluster, vm_id, disks)
-    settings = tap_settings(tmp_path, plan, outage_timeout_s=2.0, kafka_request_timeout_s=4.0)
+    settings = tap_settings(
+        tmp_path,
+        plan,
+        outage_timeout_s=2.0,
+        kafka_request_timeout_s=4.0,
+        producer_process=producer_process,
+    )
     assert settings.outage_policy is OutagePolicy.TRACK
     async with running_tap(settings) as tap:
         vm = tap.taps[vm_id]

@@ -64,7 +64,7 @@ class TapWorker:
         )
 
     def _build_tap(self, vm: ProtectedVM, cluster: KafkaClusterSettings) -> VmTap:
-        kind = ProcessTapTopic if self.settings.producer_process else TapTopic
+        kind = ProcessTapTopic if self.settings.use_producer_process() else TapTopic
         topic = kind(
             cluster,
             vm,
