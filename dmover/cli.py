@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -88,10 +87,6 @@ def local_run(directory: LocalDir = DEFAULT_LOCAL_DIR) -> None:
     except DeploymentError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from exc
-    state_path = deployment.root / STATE_FILE
-    state = json.loads(state_path.read_text())
-    state["pids"]["supervisor"] = os.getpid()
-    state_path.write_text(json.dumps(state, indent=2))
     try:
         while not stop.wait(0.5):
             pass

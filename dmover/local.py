@@ -201,10 +201,16 @@ class LocalDeployment:
             nbd=f"nbd://127.0.0.1:{nbd_port}",
             nbd_socket=str(nbd_socket),
             services={s.name: s.http for s in self.services},
-            pids={s.name: s.process.pid for s in self.services if s.process is not None},
+            pids={
+                "supervisor": os.getpid(),
+                **{s.name: s.process.pid for s in self.services if s.process is not None},
+            },
             plan=str(self.plan_path),
         )
-        (self.root / STATE_FILE).write_text(json.dumps(asdict(self.endpoints), indent=2))
+        # Written whole or not at all: `dmover local up` polls for it.
+        partial = self.root / f"{STATE_FILE}.partial"
+        partial.write_text(json.dumps(asdict(self.endpoints), indent=2))
+        partial.replace(self.root / STATE_FILE)
         return self.endpoints
 
     def _service_processes(self, nbd_port: int, nbd_socket: Path) -> list[ServiceProcess]:
