@@ -74,6 +74,22 @@ def service_app(title: str, worker: Worker) -> FastAPI:
     return app
 
 
+def configure_logging(level: str) -> None:
+    """One log format for every service process; ``level`` as DEBUG/INFO/... in any case."""
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def given(**options: Any) -> dict[str, Any]:
+    """The command-line options the operator gave, as settings overrides.
+
+    An option left unset (None) is dropped, so the setting keeps its own source (its
+    ``DM_*`` environment variable or its default) instead of being forced to None.
+    """
+    return {name: value for name, value in options.items() if value is not None}
+
+
 def run_app(app: FastAPI, host: str, port: int, *, log_level: str = "info") -> None:
     """Serves an app until SIGINT/SIGTERM (used by the `dmover <service>` commands)."""
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, loop="uvloop")

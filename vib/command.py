@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from datapath.service import run_app
+from datapath.service import configure_logging, given, run_app
 from vib.malloc_tuning import tune_malloc
 from vib.service import create_app
 from vib.settings import TapSettings
@@ -34,21 +34,15 @@ def tap_command(
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING, ERROR")] = "INFO",
 ) -> None:
     """Serve the protected disks over NBD; sequence and publish every write to Kafka."""
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    configure_logging(log_level)
+    settings = TapSettings(
+        plan=plan,
+        http_host=host,
+        http_port=port,
+        nbd_host=nbd_host or host,
+        nbd_port=nbd_port,
+        **given(nbd_unix_socket=nbd_socket, state_dir=state_dir),
     )
-    overrides: dict[str, Any] = {
-        "plan": plan,
-        "http_host": host,
-        "http_port": port,
-        "nbd_host": nbd_host or host,
-        "nbd_port": nbd_port,
-    }
-    if nbd_socket is not None:
-        overrides["nbd_unix_socket"] = nbd_socket
-    if state_dir is not None:
-        overrides["state_dir"] = state_dir
-    settings = TapSettings(**overrides)
     tune_malloc()
     log.info("tap settings: %s", settings.model_dump_json())
     run_app(

@@ -8,6 +8,7 @@ decides whether to try again. See docs/kafka.md.
 
 from datapath.kafka.admin import Admin, TopicDescription
 from datapath.kafka.consumer import Consumer
+from datapath.kafka.deadline import within
 from datapath.kafka.errors import (
     KafkaError,
     KafkaFatal,
@@ -41,4 +42,5 @@ __all__ = [
     "UnknownTopic",
     "retrying",
     "translate",
+    "within",
 ]

@@ -10,6 +10,7 @@ from typing import Any, Literal, Self
 
 import aiokafka.errors as driver
 from aiokafka import AIOKafkaConsumer
+from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
 from datapath.kafka.errors import KafkaFatal, KafkaUnavailable, translate
@@ -46,7 +47,18 @@ class Consumer:
         fetch_max_wait_ms: int = 200,
         request_timeout_ms: int = 30_000,
         client_id: str | None = None,
+        group_instance_id: str | None = None,
+        session_timeout_ms: int | None = None,
+        metadata_max_age_ms: int | None = None,
     ) -> None:
+        """Group options (used with :meth:`subscribe`), aiokafka's defaults when None:
+
+        ``group_instance_id`` makes this a static member, so a restart within the session
+        timeout gets its partitions back without a rebalance; ``session_timeout_ms`` is how
+        long the group waits for a silent member (heartbeats go at a quarter of it);
+        ``metadata_max_age_ms`` bounds how late topics created after the subscription are
+        noticed.
+        """
         self.cluster = cluster
         self.group_id = group_id
         self.request_timeout_ms = request_timeout_ms
@@ -63,6 +75,13 @@ class Consumer:
         }
         if client_id is not None:
             self._kwargs["client_id"] = client_id
+        if group_instance_id is not None:
+            self._kwargs["group_instance_id"] = group_instance_id
+        if session_timeout_ms is not None:
+            self._kwargs["session_timeout_ms"] = session_timeout_ms
+            self._kwargs["heartbeat_interval_ms"] = max(1_000, session_timeout_ms // 4)
+        if metadata_max_age_ms is not None:
+            self._kwargs["metadata_max_age_ms"] = metadata_max_age_ms
         self._consumer: AIOKafkaConsumer | None = None
 
     @property
@@ -114,7 +133,9 @@ class Consumer:
         except _DRIVER_ERRORS as exc:
             raise translate(exc) from exc
 
-    def subscribe(self, topics: Iterable[str], *, listener: Any = None) -> None:
+    def subscribe(
+        self, topics: Iterable[str], *, listener: ConsumerRebalanceListener | None = None
+    ) -> None:
         """Share these topics' partitions with the other members of ``group_id``.
 
         ``listener``: an aiokafka ``ConsumerRebalanceListener`` to act on every assignment

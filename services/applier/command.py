@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from datapath.service import run_app
+from datapath.service import configure_logging, given, run_app
 from services.applier.app import create_app
 from services.applier.settings import ApplierSettings
 
@@ -27,13 +26,8 @@ def applier_command(
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
 ) -> None:
     """Apply each protected VM's batches, whole and in order, to its target disks."""
-    overrides: dict[str, Any] = {"plan": plan, "host": host, "port": port}
-    if state_dir is not None:
-        overrides["state_dir"] = state_dir
-    if status_site is not None:
-        overrides["status_site"] = status_site
-    settings = ApplierSettings(**overrides)
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    settings = ApplierSettings(
+        plan=plan, host=host, port=port, **given(state_dir=state_dir, status_site=status_site)
     )
+    configure_logging(log_level)
     run_app(create_app(settings), settings.host, settings.port, log_level=log_level)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from datapath.service import run_app
+from datapath.service import configure_logging, given, run_app
 
 from .app import create_app
 from .settings import ReceiverSettings
@@ -32,15 +32,13 @@ def receiver_command(
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING, ERROR")] = "INFO",
 ) -> None:
     """Fold the tap topics of the protected VMs into consistency batches, exactly once."""
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    configure_logging(log_level)
+    settings = ReceiverSettings(
+        plan=plan,
+        http_host=host,
+        http_port=port,
+        **given(instance_id=instance_id, batch_interval_s=batch_interval),
     )
-    overrides: dict[str, Any] = {"plan": plan, "http_host": host, "http_port": port}
-    if instance_id is not None:
-        overrides["instance_id"] = instance_id
-    if batch_interval is not None:
-        overrides["batch_interval_s"] = batch_interval
-    settings = ReceiverSettings(**overrides)
     log.info("receiver settings: %s", settings.model_dump_json())
     run_app(
         create_app(settings), settings.http_host, settings.http_port, log_level=log_level.lower()

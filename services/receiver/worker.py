@@ -45,6 +45,7 @@ from datapath.kafka import (
     ProducerFenced,
     TransactionalProducer,
     retrying,
+    within,
 )
 from datapath.protection import ProtectedVM, ProtectionPlan, load_protection_plan
 from datapath.provisioning import ensure_plan_topics
@@ -52,8 +53,6 @@ from datapath.topics import Stream, topic_name
 
 from .batch_tail import read_batch_tails
 from .batcher import BatcherLimits, CutBatch, Outbox, VmBatcher
-from .deadline import within
-from .group_consumer import GroupConsumer
 from .metrics import ReceiverMetrics
 from .settings import ReceiverSettings
 from .status_events import outgoing_for
@@ -131,7 +130,7 @@ class Receiver:
         self._vms_by_tap: dict[str, ProtectedVM] = {}
         self._pipes: dict[TopicPartition, VmPipeline] = {}
         self._lock = asyncio.Lock()
-        self._consumer: GroupConsumer | None = None
+        self._consumer: Consumer | None = None
         self._tail_consumer: Consumer | None = None
         self._task: asyncio.Task[None] | None = None
         self._instance = settings.instance_id or f"{socket.gethostname()}"
@@ -156,15 +155,19 @@ class Receiver:
         await ensure_plan_topics(cluster, plan.vms, metrics=self.kafka_metrics)
         self._tail_consumer = Consumer(cluster, isolation_level="read_committed")
         await self._tail_consumer.start()
-        self._consumer = GroupConsumer(
+        self._consumer = Consumer(
             cluster,
             group_id=self.settings.group_id,
             group_instance_id=self.settings.instance_id,
             session_timeout_ms=self.settings.session_timeout_ms,
+            # Tap topics created after the receiver started are picked up within this time.
+            metadata_max_age_ms=30_000,
             fetch_max_wait_ms=min(100, int(self.settings.batch_interval_s * 1000)),
         )
         await self._consumer.start()
-        self._consumer.subscribe_with_listener(sorted(self._vms_by_tap), _Rebalance(self))
+        # The listener fences the previous owner's transactions and reloads each VM's
+        # state before a record of a new assignment is read.
+        self._consumer.subscribe(sorted(self._vms_by_tap), listener=_Rebalance(self))
         self._task = asyncio.create_task(self._run(), name="receiver-loop")
         log.info(
             "receiver %s started: %d VMs on %s, group %s",

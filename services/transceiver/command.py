@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import typer
 
-from datapath.service import run_app
+from datapath.service import configure_logging, given, run_app
 
 from .app import create_app
 from .settings import TransceiverSettings
@@ -35,17 +35,13 @@ def transceiver_command(
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING, ERROR")] = "INFO",
 ) -> None:
     """Copy the VMs' batch topics from the source cluster to the target, exactly once."""
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    configure_logging(log_level)
+    settings = TransceiverSettings(
+        plan=plan,
+        http_host=host,
+        http_port=port,
+        **given(mode=mode, interval_s=interval, bandwidth_bytes_per_s=bandwidth),
     )
-    overrides: dict[str, Any] = {"plan": plan, "http_host": host, "http_port": port}
-    if mode is not None:
-        overrides["mode"] = mode
-    if interval is not None:
-        overrides["interval_s"] = interval
-    if bandwidth is not None:
-        overrides["bandwidth_bytes_per_s"] = bandwidth
-    settings = TransceiverSettings(**overrides)
     log.info("transceiver settings: %s", settings.model_dump_json())
     run_app(
         create_app(settings), settings.http_host, settings.http_port, log_level=log_level.lower()

@@ -30,10 +30,10 @@ from datapath.kafka import (
     KafkaError,
     ProducerFenced,
     TransactionalProducer,
+    within,
 )
 from datapath.topics import Stream, topic_name
 
-from .deadline import within
 from .metrics import TransceiverMetrics
 from .offset_record import (
     CopyProgress,

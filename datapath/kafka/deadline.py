@@ -2,8 +2,8 @@
 
 ``asyncio.timeout`` cancels once; a transaction cancelled that way then awaits its abort,
 which waits for the broker again, so a cluster that is gone keeps it hanging. ``within``
-cancels until the work has really stopped. (A candidate for ``datapath.kafka``; the
-receiver and the transceiver each keep a copy until then.)
+cancels until the work has really stopped. The receiver and the transceiver bound their
+transactions (and the transceiver its producer's close) with it.
 """
 
 from __future__ import annotations
