@@ -3,6 +3,7 @@ settings that keep secrets, and the wrappers against a real broker."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
 import aiokafka.errors as driver
@@ -287,6 +288,11 @@ async def test_create_topics_is_idempotent_and_refuses_a_different_config(
             await admin.create_topics(changed)
 
         await admin.delete_topics(names)
+        # Deletion is asynchronous in the broker: metadata may list a topic a moment longer.
+        for _ in range(100):
+            if not set(names) & await admin.list_topics():
+                break
+            await asyncio.sleep(0.1)
         assert not set(names) & await admin.list_topics()
         await admin.delete_topics(names)  # already gone: fine
         with pytest.raises(UnknownTopic):
