@@ -13,7 +13,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-from datapath.kafka import Admin, KafkaClusterSettings, KafkaMetrics, TopicExists, retrying
+from datapath.kafka import (
+    Admin,
+    KafkaClusterSettings,
+    KafkaMetrics,
+    KafkaUnavailable,
+    TopicExists,
+    UnknownTopic,
+    retrying,
+)
 from datapath.protection import ProtectedVM
 from datapath.topics import TopicSpec, site_topic_specs, vm_topic_specs
 
@@ -54,6 +62,10 @@ async def ensure_plan_topics(
             except TopicExists as exc:
                 log.warning("using existing topics as they are on %s: %s", cluster.describe(), exc)
                 return []
+            except UnknownTopic as exc:
+                # Another service created it a moment ago and the metadata does not show it
+                # yet: transient, so the retry policy tries again.
+                raise KafkaUnavailable(f"topics not yet visible: {exc}") from exc
 
     return await retrying(
         create, what="ensure_topics", attempts=attempts, backoff=backoff, metrics=metrics
