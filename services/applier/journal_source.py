@@ -31,6 +31,11 @@ class JournalSource(Protocol):
     async def end_offset(self) -> int:
         """Offset after the last committed message (the last stable offset)."""
 
+    async def position(self) -> int:
+        """Offset of the next message a fetch would return. Past the last message read,
+        this also skips transaction markers, which occupy offsets but carry no message:
+        it reaches `end_offset()` exactly when everything committed has been read."""
+
 
 class StatusSink(Protocol):
     """Where the applier reports a VM's state for the control plane and the source site."""

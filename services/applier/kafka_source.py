@@ -101,6 +101,9 @@ class KafkaJournalSource:
             if record.value is not None
         ]
 
+    async def position(self) -> int:
+        return await self._require().position(self.partition)
+
     async def end_offset(self) -> int:
         consumer = self._require()
 

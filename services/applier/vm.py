@@ -298,6 +298,9 @@ class VmApplier:
         for message in messages:
             # Past a corrupt message too: what follows it may be the resync that repairs it.
             self._take(message)
+        # The consumer's position also steps over transaction markers: without it the
+        # last commit marker would look like one more message to read, forever.
+        self._read_offset = max(self._read_offset, await self.source.position())
         await self._refresh_end_offset(force=not messages)
 
     def _take(self, message: JournalMessage) -> None:
@@ -753,7 +756,7 @@ class VmApplier:
         return self._end_offset is not None and self._read_offset >= self._end_offset
 
     def _lag_messages(self) -> float:
-        if self._end_offset is None:
+        if self._end_offset is None or self._caught_up():
             return 0.0
         return float(max(0, self._end_offset - self.state.next_offset))
 
