@@ -229,7 +229,9 @@ async def test_applier_never_applies_past_a_gap_and_asks_for_a_resync(
             # A resync of some regions (e.g. after a Kafka outage) cannot repair lost
             # writes: refused, the VM keeps waiting.
             await writer.send(*vm.resync(41, [(0, 0, 64 * BLOCK), (1, 0, 64 * BLOCK)]))
-            await wait_until(lambda: applier.state.extra.get("refused_resync"), what="refusal")
+            await wait_until(
+                lambda: bool(applier.state.extra.get("refused_resync")), what="refusal"
+            )
             assert "sets 524288 of 3145728 bytes" in applier.state.extra["refused_resync"]
             assert applier.state.health is Health.NEEDS_RESYNC
             assert images_of(disks) == applied_model
@@ -238,7 +240,8 @@ async def test_applier_never_applies_past_a_gap_and_asks_for_a_resync(
             tail = vm.batch(vm.ops(8))
             await writer.send(tail)
             await wait_until(lambda: applier.state.applied_seq == vm.last_seq, what="healed")
-            assert applier.state.health is Health.OK
+            # Read afresh: mypy would keep the NEEDS_RESYNC narrowing of `applier.state`.
+            assert worker.vm(vm_id).state.health is Health.OK
             assert images_of(disks) == [bytes(m) for m in vm.model]
 
 
@@ -322,6 +325,55 @@ async def test_incomplete_resync_bracket_is_not_applied_until_closed(
             assert applier.status()["lag_batches"] == 3
             await writer.send(closing)
             await wait_until(lambda: applier.state.applied_seq == vm.last_seq, what="bracket")
+            assert applier.status()["staging_resync"] is None
+            assert metric(worker, "datamover_applier_units_applied_total", vm=vm_id) == 2
+    assert disks[0].read_bytes() == bytes(vm.model[0])
+
+
+async def test_superseded_bracket_is_applied_with_its_successor_as_one_unit(
+    tmp_path: Path,
+    source_cluster: KafkaClusterSettings,
+    target_cluster: KafkaClusterSettings,
+    vm_id: str,
+) -> None:
+    """A tap that restarts mid-resync leaves its bracket without an END and opens a new
+    one; the abandoned bracket's batches are still in the sequence, so they are applied
+    with the new bracket, as one unit, when it completes (never before, never dropped)."""
+    sizes = [2 * MIB]
+    disks = [tmp_path / "t0.img"]
+    plan = write_plan(
+        tmp_path / "plan.yaml", source_cluster, target_cluster, {vm_id: [(str(disks[0]), sizes[0])]}
+    )
+    await create_topics(target_cluster, vm_id)
+    vm = SourceVm(vm_id, sizes, seed=5)
+    async with JournalWriter(target_cluster, vm_id) as writer:
+        await writer.send(vm.batch(vm.ops(10)))
+        before = vm.last_seq
+        before_model = bytes(vm.model[0])
+        abandoned = [
+            vm.batch(vm.ops(10), resync_id=9, starts=True),
+            vm.batch(vm.ops(10), resync_id=9),
+        ]
+        # The restarted tap: a new epoch, then a new bracket. Its writes do not cover the
+        # abandoned bracket's, so the target equals the source only if those were applied.
+        vm.epoch = 2
+        restarted = vm.batch(vm.ops(5))
+        successor = vm.batch(vm.ops(10), resync_id=10, starts=True)
+        closing = vm.batch(vm.ops(10), resync_id=10, completes=True)
+        async with running_applier(plan, tmp_path / "state") as worker:
+            applier = worker.vm(vm_id)
+            await wait_until(lambda: applier.state.applied_seq == before, what="live batch")
+            await writer.send(*abandoned)
+            await writer.send(restarted, successor)
+            await wait_until(
+                lambda: (applier.status()["staging_resync"] or {}).get("batches") == 4,
+                what="both brackets staged",
+            )
+            assert applier.status()["staging_resync"]["resync_id"] == 10
+            assert applier.state.applied_seq == before
+            assert disks[0].read_bytes() == before_model
+            await writer.send(closing)
+            await wait_until(lambda: applier.state.applied_seq == vm.last_seq, what="unit")
             assert applier.status()["staging_resync"] is None
             assert metric(worker, "datamover_applier_units_applied_total", vm=vm_id) == 2
     assert disks[0].read_bytes() == bytes(vm.model[0])

@@ -104,9 +104,10 @@ async def _assigned_beyond(tap: TapProcess, seq: int) -> bool:
 async def test_tap_killed_during_a_resync_loses_no_write_made_meanwhile(
     source_cluster: KafkaClusterSettings, vm_id: str, tmp_path: Path
 ) -> None:
-    """Writes published inside a resync bracket reach the target only with the bracket;
-    if the tap dies before the bracket ends, the receiver drops the bracket, so the next
-    resync must cover those writes too, even those Kafka acknowledged."""
+    """Writes published inside a resync bracket reach the target only when a bracket
+    completes; if the tap dies before the bracket ends, its records wait downstream and are
+    applied only with the next bracket, so the next resync must cover those writes too,
+    even those Kafka acknowledged."""
     disks = [DiskSpec("d0", tmp_path / "src.img", 64 * MiB)]
     plan = write_plan(tmp_path / "plan.yaml", source_cluster, vm_id, disks)
     slow = {"DM_TAP_RESYNC_MAX_BYTES_PER_S": str(MiB), "DM_TAP_RETIRE_INTERVAL_S": "0.2"}
@@ -154,7 +155,7 @@ async def _qemu_io(uri: str, *commands: str) -> None:
 
 
 async def _resyncing(tap: TapProcess) -> bool:
-    return (await tap.vm_status())["mode"] == "resyncing"
+    return bool((await tap.vm_status())["mode"] == "resyncing")
 
 
 async def _all_acknowledged(tap: TapProcess) -> bool:

@@ -5,8 +5,10 @@ Every frame is decoded and verified; records are applied in sequence order as th
 applier does: WRITE/SYNC_BLOCK write their data, ZERO punches a hole, TRIM discards
 (reads as zeros), FLUSH and markers change nothing; everything from a RESYNC_START to
 its RESYNC_END (live writes included) is applied as one unit when the RESYNC_END
-arrives, and a bracket superseded by another RESYNC_START before it ended is dropped,
-as the receiver and applier do (guarantee 4). The result reports whether the sequence
+arrives. A bracket superseded by another RESYNC_START before it ended is not dropped:
+its records stay in the sequence and are applied together with the superseding
+bracket's, as one unit, when that one completes, as the applier does (guarantee 4).
+The result reports whether the sequence
 is gapless, how many bytes of each kind travelled, and the resync brackets seen.
 """
 
@@ -47,7 +49,8 @@ class ReplayResult:
 
     @property
     def open_resyncs(self) -> list[int]:
-        """Brackets neither completed nor superseded (their records were not applied)."""
+        """Brackets neither completed nor superseded. Their records, and those of any
+        bracket they superseded, were not applied."""
         closed = set(self.resyncs_completed) | set(self.resyncs_abandoned)
         return [m for m in self.resyncs_started if m not in closed]
 
@@ -68,7 +71,8 @@ def replay_frames(frames: Iterable[Frame], disks: Sequence[StorageBackend]) -> R
     expected = 0
     newest_epoch = 0
     bracket = 0  # marker id of the open bracket
-    held: list[Record] = []  # its records, applied when it completes
+    # Its records, and those of the brackets it superseded, applied when it completes.
+    held: list[Record] = []
     for frame in frames:
         result.frames += 1
         if frame.epoch < newest_epoch:
@@ -90,8 +94,10 @@ def replay_frames(frames: Iterable[Frame], disks: Sequence[StorageBackend]) -> R
             if kind is RecordKind.MARKER and record.marker is MarkerKind.RESYNC_START:
                 result.resyncs_started.append(record.marker_id)
                 if bracket:
+                    # The superseded bracket's records are in the sequence: they stay held
+                    # and are applied with this bracket's, as one unit, when it completes.
                     result.resyncs_abandoned.append(bracket)
-                bracket, held = record.marker_id, []
+                bracket = record.marker_id
                 continue
             if bracket:
                 held.append(record)

@@ -24,9 +24,11 @@ read as all zeros travel as ZERO ranges too. A hole's ZERO is assigned its seque
 the same synchronous stretch as the query that found the hole.
 
 Live writes published inside the bracket reach the target only with it: a bracket cut
-short (the tap dies or loses Kafka before RESYNC_END) is dropped downstream. So they
-are also marked in the bitmap (transient marks) until the bracket completes, and the
-next resync covers them if it does not.
+short (the tap dies or loses Kafka before RESYNC_END) is not applied on its own; its
+records stay in the sequence and are applied together with the superseding bracket, as
+one unit, when that one completes. Until a bracket holding them completes, the target
+does not have them, so they are also marked in the bitmap (transient marks) and the next
+resync covers them too if the bracket does not complete.
 
 The bits of the dirty bitmap are cleared only once Kafka acknowledged RESYNC_END; marks
 made during the resync for other reasons survive the clearing (`DirtyBitmap.snapshot`).

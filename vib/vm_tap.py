@@ -499,8 +499,9 @@ class VmTap:
             await self._make_durable(disk)
 
     def _mark_inside_bracket(self, disk: TapDisk, offset: int, length: int, gen: int) -> None:
-        # The write travels inside a resync bracket, which is dropped downstream if it
-        # never completes: until it does, the bitmap must name the region too.
+        # The write travels inside a resync bracket and reaches the target only when a
+        # bracket completes (this one, or one superseding it that is applied with it as one
+        # unit): until then, the bitmap must name the region too.
         disk.bitmap.mark(offset, length, transient=True)
         if not self._unflushed_min:
             self._unflushed_min = gen

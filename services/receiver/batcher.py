@@ -359,7 +359,8 @@ class VmBatcher:
     def _open_bracket(self, start: Record) -> None:
         if self.open_resync:
             # The tap started over (e.g. it restarted mid-resync): the old bracket will never
-            # complete; its batches stay staged-and-incomplete and the applier drops them.
+            # complete. Its batches stay in the sequence; the applier applies them together
+            # with the superseding bracket, as one unit, when that one completes.
             self._outbox.events.append(
                 BracketAbandoned(self.vm_id, self.open_resync, start.marker_id, start.seq)
             )
