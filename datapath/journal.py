@@ -27,9 +27,12 @@ import zstandard
 
 __all__ = [
     "CHUNK_MAGIC",
+    "DATA_KINDS",
     "FORMAT_VERSION",
     "FRAME_MAGIC",
+    "RANGE_KINDS",
     "RECORD_HEADER_SIZE",
+    "ZEROING_KINDS",
     "Batch",
     "BatchAssembler",
     "ChunkHeader",
@@ -108,8 +111,14 @@ class MarkerKind(enum.IntEnum):
 
 _KIND_BY_CODE: dict[int, RecordKind] = {k.value: k for k in RecordKind}
 _MARKER_BY_CODE: dict[int, MarkerKind] = {m.value: m for m in MarkerKind}
-_DATA_KINDS = frozenset({RecordKind.WRITE, RecordKind.SYNC_BLOCK})
-_RANGE_KINDS = frozenset({RecordKind.ZERO, RecordKind.TRIM})
+# The record-kind groupings every stage shares; defined once here, with the format.
+# Kinds that carry data (length == len(data)).
+DATA_KINDS = frozenset({RecordKind.WRITE, RecordKind.SYNC_BLOCK})
+# Kinds that make a disk range read as zeros and carry no data.
+ZEROING_KINDS = frozenset({RecordKind.ZERO, RecordKind.TRIM})
+# Kinds that address a disk range and set its whole content (data or zeros); the others
+# (FLUSH, MARKER) have offset 0, length 0 and change no byte.
+RANGE_KINDS = DATA_KINDS | ZEROING_KINDS
 _RESYNC_MARKERS = frozenset({MarkerKind.RESYNC_START, MarkerKind.RESYNC_END})
 
 
@@ -285,12 +294,12 @@ def _record_problem(
     """The one set of record rules, shared by encoder and decoder; None when valid."""
     if kind is None:
         return f"unknown record kind {code}"
-    if kind in _DATA_KINDS:
+    if kind in DATA_KINDS:
         if data_len != length:
             return f"{kind.name} carries {data_len} data bytes but its length is {length}"
     elif data_len:
         return f"{kind.name} must carry no data, has {data_len} bytes"
-    if kind in _DATA_KINDS or kind in _RANGE_KINDS:
+    if kind in RANGE_KINDS:
         if offset + length > _U64_LIMIT:
             return f"offset {offset} + length {length} overflows u64"
     elif offset or length:

@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
-from datapath.journal import RECORD_HEADER_SIZE, Record, RecordKind, encode_frame
+from datapath.journal import RANGE_KINDS, RECORD_HEADER_SIZE, Record, encode_frame
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,7 @@ class SessionFailed(Exception):
 
 
 # Records whose region the target must see again if they are lost.
-CHANGING_KINDS = frozenset(
-    {RecordKind.WRITE, RecordKind.ZERO, RecordKind.TRIM, RecordKind.SYNC_BLOCK}
-)
+CHANGING_KINDS = RANGE_KINDS
 
 Region = tuple[int, int, int]  # disk, offset, length
 

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 
 from aiokafka.structs import TopicPartition
 
-from datapath.journal import Frame, MarkerKind, Record, RecordKind, decode_frame
+from datapath.journal import RANGE_KINDS, Frame, MarkerKind, Record, RecordKind, decode_frame
 from datapath.kafka import Consumer, KafkaClusterSettings
 from datapath.storage import StorageBackend
+from datapath.storage.apply import apply_record
 from datapath.topics import Stream, topic_name
 
 
@@ -55,14 +56,9 @@ class ReplayResult:
         return [m for m in self.resyncs_started if m not in closed]
 
 
-def apply_record(record: Record, disks: Sequence[StorageBackend]) -> None:
-    kind = record.kind
-    if kind is RecordKind.WRITE or kind is RecordKind.SYNC_BLOCK:
-        disks[record.disk].write(record.offset, record.data)
-    elif kind is RecordKind.ZERO:
-        disks[record.disk].write_zeroes(record.offset, record.length, punch_hole=True)
-    elif kind is RecordKind.TRIM:
-        disks[record.disk].trim(record.offset, record.length)
+def _apply(record: Record, disks: Sequence[StorageBackend]) -> None:
+    if record.kind in RANGE_KINDS:  # FLUSH and markers change nothing
+        apply_record(disks[record.disk], record)
 
 
 def replay_frames(frames: Iterable[Frame], disks: Sequence[StorageBackend]) -> ReplayResult:
@@ -110,10 +106,10 @@ def replay_frames(frames: Iterable[Frame], disks: Sequence[StorageBackend]) -> R
                 ):
                     result.resyncs_completed.append(bracket)
                     for each in held:
-                        apply_record(each, disks)
+                        _apply(each, disks)
                     bracket, held = 0, []
                 continue
-            apply_record(record, disks)
+            _apply(record, disks)
     return result
 
 

@@ -11,11 +11,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable, Sequence
 
-from datapath.journal import Record, RecordKind
-
-_SETTING_KINDS = frozenset(
-    {RecordKind.WRITE, RecordKind.SYNC_BLOCK, RecordKind.ZERO, RecordKind.TRIM}
-)
+from datapath.journal import RANGE_KINDS, Record
 
 
 class Coverage:
@@ -27,7 +23,7 @@ class Coverage:
 
     def add_records(self, records: Iterable[Record]) -> None:
         for record in records:
-            if record.kind in _SETTING_KINDS and record.length:
+            if record.kind in RANGE_KINDS and record.length:
                 self.add(record.disk, record.offset, record.offset + record.length)
 
     def add(self, disk: int, start: int, end: int) -> None:

@@ -16,9 +16,10 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from datapath.journal import Batch, RecordKind
+from datapath.journal import DATA_KINDS, RANGE_KINDS, Batch
 from datapath.protection import Disk, ProtectedVM
 from datapath.storage import StorageBackend, StorageError, open_backend
+from datapath.storage.apply import apply_record
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class TargetDisks:
         count = len(self.backends)
         for batch in batches:
             for record in batch.records:
-                if record.kind not in _EXTENT_KINDS:
+                if record.kind not in RANGE_KINDS:
                     continue
                 if record.disk >= count:
                     raise BatchRefused(
@@ -95,19 +96,14 @@ class TargetDisks:
         for batch in batches:
             for record in batch.records:
                 kind = record.kind
-                if kind is RecordKind.WRITE or kind is RecordKind.SYNC_BLOCK:
-                    backends[record.disk].write(record.offset, record.data)
-                    stats.data_bytes += record.length
-                elif kind is RecordKind.ZERO:
-                    backends[record.disk].write_zeroes(record.offset, record.length)
-                    stats.zero_bytes += record.length
-                elif kind is RecordKind.TRIM:
-                    # Our trim reads as zeros afterwards on every backend, like the source.
-                    backends[record.disk].trim(record.offset, record.length)
-                    stats.zero_bytes += record.length
-                else:
+                if kind not in RANGE_KINDS:
                     # FLUSH: the unit is made durable as a whole. MARKER: bookkeeping.
                     continue
+                apply_record(backends[record.disk], record)
+                if kind in DATA_KINDS:
+                    stats.data_bytes += record.length
+                else:
+                    stats.zero_bytes += record.length
                 touched.add(record.disk)
                 stats.records += 1
         return stats, touched
@@ -127,8 +123,3 @@ class TargetDisks:
             except StorageError as exc:
                 log.warning("closing target disk %s of VM %s: %s", backend.name, self.vm_id, exc)
         self.backends = []
-
-
-_EXTENT_KINDS = frozenset(
-    {RecordKind.WRITE, RecordKind.SYNC_BLOCK, RecordKind.ZERO, RecordKind.TRIM}
-)

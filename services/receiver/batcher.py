@@ -26,6 +26,7 @@ import logging
 from dataclasses import dataclass, field
 
 from datapath.journal import (
+    DATA_KINDS,
     Batch,
     JournalError,
     MarkerKind,
@@ -38,8 +39,6 @@ from datapath.journal import (
 from .folding import fold_records
 
 log = logging.getLogger(__name__)
-
-_DATA_KINDS = frozenset({RecordKind.WRITE, RecordKind.SYNC_BLOCK})
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,7 +323,7 @@ class VmBatcher:
             self._pending_offset = offset
             self._pending_since = now
         self._pending.append(rec)
-        if rec.kind in _DATA_KINDS:
+        if rec.kind in DATA_KINDS:
             self._pending_bytes += rec.length
             self.counters.data_bytes += rec.length
 

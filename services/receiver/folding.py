@@ -23,17 +23,13 @@ import heapq
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from datapath.journal import Record, RecordKind
+from datapath.journal import DATA_KINDS, RANGE_KINDS, Record, RecordKind
 
 # Coalescing joins adjacent data pieces into one record up to this size: large enough to
 # make per-record overhead negligible, small enough that one record never dominates a chunk.
 DEFAULT_MAX_RECORD_BYTES = 1 << 20
 
 _U32_MAX = (1 << 32) - 1
-_DATA_KINDS = frozenset({RecordKind.WRITE, RecordKind.SYNC_BLOCK})
-_EXTENT_KINDS = frozenset(
-    {RecordKind.WRITE, RecordKind.SYNC_BLOCK, RecordKind.ZERO, RecordKind.TRIM}
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +56,7 @@ def fold_records(
     out: list[Record] = []
     for rec in records:
         kind = rec.kind
-        if kind in _EXTENT_KINDS:
+        if kind in RANGE_KINDS:
             if rec.length:
                 by_disk.setdefault(rec.disk, []).append(rec)
         elif kind is RecordKind.MARKER:
@@ -76,8 +72,8 @@ def fold_stats(raw: Sequence[Record], folded: Sequence[Record]) -> FoldStats:
     return FoldStats(
         records_in=len(raw),
         records_out=len(folded),
-        data_bytes_in=sum(len(r.data) for r in raw if r.kind in _DATA_KINDS),
-        data_bytes_out=sum(len(r.data) for r in folded if r.kind in _DATA_KINDS),
+        data_bytes_in=sum(len(r.data) for r in raw if r.kind in DATA_KINDS),
+        data_bytes_out=sum(len(r.data) for r in folded if r.kind in DATA_KINDS),
     )
 
 
@@ -149,7 +145,7 @@ def _coalesce(
         mergeable = (
             run_kind is kind
             and start == run_end
-            and (kind not in _DATA_KINDS or run_len + (end - start) <= max_record_bytes)
+            and (kind not in DATA_KINDS or run_len + (end - start) <= max_record_bytes)
         )
         if not mergeable and run:
             out.append(_record_for_run(records, run))
@@ -173,7 +169,7 @@ def _record_for_run(records: list[Record], run: list[_Segment]) -> Record:
     seq = max(records[owner].seq for _, _, owner in run)
     ts_ns = max(records[owner].ts_ns for _, _, owner in run)
     data: bytes | memoryview = b""
-    if template.kind in _DATA_KINDS:
+    if template.kind in DATA_KINDS:
         pieces = [_piece(records[owner], start, stop) for start, stop, owner in run]
         data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
     return Record(

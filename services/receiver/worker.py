@@ -29,10 +29,10 @@ from aiokafka.structs import TopicPartition
 from prometheus_client import CollectorRegistry
 
 from datapath.journal import (
+    DATA_KINDS,
     Batch,
     ChunkHeader,
     JournalError,
-    RecordKind,
     encode_batch,
     encoded_record_size,
 )
@@ -63,7 +63,6 @@ log = logging.getLogger(__name__)
 _MESSAGE_OVERHEAD = 4096
 _PRODUCER_REQUEST_SLACK = 64 * 1024
 _STOP_GRACE_S = 10.0
-_DATA_KINDS = frozenset({RecordKind.WRITE, RecordKind.SYNC_BLOCK})
 
 
 @dataclass(slots=True)
@@ -487,7 +486,7 @@ class Receiver:
             m.records_out.labels(vm=vm_id).inc(len(batch.records))
             m.data_in.labels(vm=vm_id).inc(cut.data_bytes)
             m.data_out.labels(vm=vm_id).inc(
-                sum(r.length for r in batch.records if r.kind in _DATA_KINDS)
+                sum(r.length for r in batch.records if r.kind in DATA_KINDS)
             )
             m.payload.labels(vm=vm_id).inc(item.payload_bytes)
         self._update_ratios(vm_id)
