@@ -5,21 +5,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import aiokafka.errors as driver
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.structs import TopicPartition
 
-from datapath.kafka.errors import KafkaFatal, TopicExists, UnknownTopic, translate
+from datapath.kafka.errors import DRIVER_ERRORS, KafkaFatal, TopicExists, UnknownTopic, translate
+from datapath.kafka.lifecycle import AsyncClient, start_or_release
 from datapath.kafka.settings import KafkaClusterSettings
 from datapath.topics import TopicSpec
 
 log = logging.getLogger(__name__)
 
-_DRIVER_ERRORS = (driver.KafkaError, driver.IllegalOperation, OSError)
 _NO_ERROR = 0
 _UNKNOWN_TOPIC = driver.UnknownTopicOrPartitionError.errno
 _TOPIC_EXISTS = driver.TopicAlreadyExistsError.errno
@@ -38,7 +37,7 @@ def _error(code: int, message: str | None, subject: str) -> Exception:
     return error_class(f"{subject}: {message}" if message else subject)
 
 
-class Admin:
+class Admin(AsyncClient):
     """Creates, describes and deletes topics; reads consumer-group offsets."""
 
     def __init__(
@@ -67,32 +66,13 @@ class Admin:
         if self._admin is not None:
             return
         admin = AIOKafkaAdminClient(**self._kwargs)
-        try:
-            await admin.start()
-        except _DRIVER_ERRORS as exc:
-            try:
-                await admin.close()
-            except _DRIVER_ERRORS as cleanup:
-                log.debug("closing an admin client that failed to start: %s", cleanup)
-            raise translate(exc) from exc
+        await start_or_release(admin.start, admin.close, what="admin client")
         self._admin = admin
 
     async def stop(self) -> None:
         admin, self._admin = self._admin, None
         if admin is not None:
             await admin.close()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     async def create_topics(self, specs: Iterable[TopicSpec]) -> list[str]:
         """Create the topics that do not exist; return the names created.
@@ -110,7 +90,7 @@ class Admin:
         ]
         try:
             response = await self.driver.create_topics(request)
-        except _DRIVER_ERRORS as exc:
+        except DRIVER_ERRORS as exc:
             raise translate(exc) from exc
         created, existing = [], []
         for result in response.to_object()["topic_errors"]:
@@ -152,7 +132,7 @@ class Admin:
         """Every topic name, internal ones (``__consumer_offsets``...) excluded."""
         try:
             names = await self.driver.list_topics()
-        except _DRIVER_ERRORS as exc:
+        except DRIVER_ERRORS as exc:
             raise translate(exc) from exc
         return {name for name in names if not name.startswith("__")}
 
@@ -166,7 +146,7 @@ class Admin:
             config_responses = await self.driver.describe_configs(
                 [ConfigResource(ConfigResourceType.TOPIC, name) for name in wanted]
             )
-        except _DRIVER_ERRORS as exc:
+        except DRIVER_ERRORS as exc:
             raise translate(exc) from exc
         configs: dict[str, dict[str, str]] = {}
         for response in config_responses:
@@ -204,7 +184,7 @@ class Admin:
             return
         try:
             response = await self.driver.delete_topics(wanted)
-        except _DRIVER_ERRORS as exc:
+        except DRIVER_ERRORS as exc:
             raise translate(exc) from exc
         for result in response.to_object()["topic_error_codes"]:
             code = result["error_code"]
@@ -217,6 +197,6 @@ class Admin:
         """The offsets committed by consumer group ``group_id`` (e.g. inside transactions)."""
         try:
             offsets = await self.driver.list_consumer_group_offsets(group_id)
-        except _DRIVER_ERRORS as exc:
+        except DRIVER_ERRORS as exc:
             raise translate(exc) from exc
         return {tp: meta.offset for tp, meta in offsets.items() if meta.offset >= 0}

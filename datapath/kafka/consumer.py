@@ -5,15 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable, Mapping
-from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal
 
 import aiokafka.errors as driver
 from aiokafka import AIOKafkaConsumer
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
-from datapath.kafka.errors import KafkaFatal, KafkaUnavailable, translate
+from datapath.kafka.errors import DRIVER_ERRORS, KafkaFatal, KafkaUnavailable, translate
+from datapath.kafka.lifecycle import AsyncClient, start_or_release
 from datapath.kafka.settings import KafkaClusterSettings
 
 log = logging.getLogger(__name__)
@@ -24,10 +24,10 @@ IsolationLevel = Literal["read_committed", "read_uncommitted"]
 
 # One fetch must hold the largest record (a journal batch) of a partition.
 DEFAULT_MAX_PARTITION_FETCH_BYTES = 8 * 1024 * 1024 + 64 * 1024
-_DRIVER_ERRORS = (driver.KafkaError, driver.IllegalOperation, driver.ConsumerStoppedError, OSError)
+_DRIVER_ERRORS = (*DRIVER_ERRORS, driver.ConsumerStoppedError)
 
 
-class Consumer:
+class Consumer(AsyncClient):
     """A Kafka consumer: manual partition assignment or group subscription, manual commits.
 
     ``read_committed`` by default, so records of open or aborted transactions are never
@@ -94,14 +94,9 @@ class Consumer:
         if self._consumer is not None:
             return
         consumer = AIOKafkaConsumer(**self._kwargs)
-        try:
-            await consumer.start()
-        except _DRIVER_ERRORS as exc:
-            try:
-                await consumer.stop()
-            except _DRIVER_ERRORS as cleanup:
-                log.debug("closing a consumer that failed to start: %s", cleanup)
-            raise translate(exc) from exc
+        await start_or_release(
+            consumer.start, consumer.stop, what="consumer", errors=_DRIVER_ERRORS
+        )
         self._consumer = consumer
         log.debug("consumer (group %s) started on %s", self.group_id, self.cluster.describe())
 
@@ -113,18 +108,6 @@ class Consumer:
             await consumer.stop()
         except _DRIVER_ERRORS as exc:
             raise translate(exc) from exc
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     def assign(self, partitions: Iterable[TopicPartition]) -> None:
         """Read exactly these partitions (no group rebalancing)."""

@@ -15,6 +15,13 @@ from typing import TypeVar
 import aiokafka.errors as driver
 from prometheus_client import CollectorRegistry, Counter
 
+# What the aiokafka clients raise that `translate` turns into our domain errors.
+DRIVER_ERRORS: tuple[type[BaseException], ...] = (
+    driver.KafkaError,
+    driver.IllegalOperation,
+    OSError,
+)
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -22,6 +29,10 @@ T = TypeVar("T")
 
 class KafkaError(Exception):
     """Base of every Kafka failure raised by ``datapath.kafka``."""
+
+
+# What `retrying` looks at: ours, and the driver's before translation.
+_RETRY_CANDIDATES: tuple[type[BaseException], ...] = (KafkaError, *DRIVER_ERRORS)
 
 
 class KafkaUnavailable(KafkaError):
@@ -142,7 +153,7 @@ async def retrying(
     for attempt in range(1, attempts + 1):
         try:
             return await op()
-        except (KafkaError, driver.KafkaError, driver.IllegalOperation, OSError) as exc:
+        except _RETRY_CANDIDATES as exc:
             error = translate(exc)
             if not isinstance(error, KafkaUnavailable) or attempt == attempts:
                 if error is exc:

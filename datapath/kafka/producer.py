@@ -10,14 +10,13 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Generator, Mapping
 from contextlib import asynccontextmanager
-from types import TracebackType
 from typing import Any, Literal, Self
 
-import aiokafka.errors as driver
 from aiokafka import AIOKafkaProducer
 from aiokafka.structs import TopicPartition
 
-from datapath.kafka.errors import KafkaError, KafkaFatal, translate
+from datapath.kafka.errors import DRIVER_ERRORS, KafkaError, KafkaFatal, translate
+from datapath.kafka.lifecycle import AsyncClient, start_or_release
 from datapath.kafka.settings import KafkaClusterSettings
 
 log = logging.getLogger(__name__)
@@ -28,15 +27,6 @@ Compression = Literal["gzip", "snappy", "lz4", "zstd"]
 
 # Large enough for a journal batch of several MiB; topics cap it with max.message.bytes.
 DEFAULT_MAX_REQUEST_SIZE = 8 * 1024 * 1024 + 64 * 1024
-_DRIVER_ERRORS = (driver.KafkaError, driver.IllegalOperation, OSError)
-
-
-async def _close_quietly(producer: AIOKafkaProducer) -> None:
-    """Release a producer that failed to start; its start error is the one to report."""
-    try:
-        await producer.stop()
-    except _DRIVER_ERRORS as exc:
-        log.debug("closing a producer that failed to start: %s", exc)
 
 
 def _retrieve_abandoned_failures(producer: AIOKafkaProducer) -> None:
@@ -80,11 +70,11 @@ class Delivery:
     def __await__(self) -> Generator[Any, None, RecordMetadata]:
         try:
             return (yield from self.future.__await__())
-        except _DRIVER_ERRORS as exc:
+        except DRIVER_ERRORS as exc:
             raise translate(exc) from exc
 
 
-class Producer:
+class Producer(AsyncClient):
     """An idempotent producer: acks=all, no duplicates or reordering on retries."""
 
     def __init__(
@@ -126,11 +116,7 @@ class Producer:
         if self._producer is not None:
             return
         producer = AIOKafkaProducer(**self._driver_kwargs())
-        try:
-            await producer.start()
-        except _DRIVER_ERRORS as exc:
-            await _close_quietly(producer)
-            raise translate(exc) from exc
+        await start_or_release(producer.start, producer.stop, what="producer")
         self._producer = producer
         log.debug("%s started on %s", type(self).__name__, self.cluster.describe())
 
@@ -141,22 +127,10 @@ class Producer:
             return
         try:
             await producer.stop()
-        except _DRIVER_ERRORS as exc:
+        except DRIVER_ERRORS as exc:
             raise translate(exc) from exc
         finally:
             _retrieve_abandoned_failures(producer)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     async def send(
         self,
@@ -177,7 +151,7 @@ class Producer:
             future = await self.driver.send(
                 topic, value, key=key, partition=partition, headers=headers
             )
-        except _DRIVER_ERRORS as exc:
+        except DRIVER_ERRORS as exc:
             raise translate(exc) from exc
         return Delivery(future)
 
@@ -198,7 +172,7 @@ class Producer:
         """Wait until every queued record has been sent (not necessarily acknowledged)."""
         try:
             await self.driver.flush()
-        except _DRIVER_ERRORS as exc:
+        except DRIVER_ERRORS as exc:
             raise translate(exc) from exc
 
 
@@ -286,7 +260,7 @@ class TransactionalProducer(Producer):
         producer = self.driver
         try:
             await producer.begin_transaction()
-        except _DRIVER_ERRORS as exc:
+        except DRIVER_ERRORS as exc:
             raise translate(exc) from exc
         self._pending_offsets, self._pending_group = {}, None
         try:
@@ -294,7 +268,7 @@ class TransactionalProducer(Producer):
             await self._commit(producer)
         except BaseException as exc:
             await self._abort(producer, exc)
-            if isinstance(exc, _DRIVER_ERRORS) and not isinstance(exc, KafkaError):
+            if isinstance(exc, DRIVER_ERRORS) and not isinstance(exc, KafkaError):
                 raise translate(exc) from exc
             raise
         finally:
@@ -314,7 +288,7 @@ class TransactionalProducer(Producer):
             return
         try:
             await producer.abort_transaction()
-        except _DRIVER_ERRORS as exc:
+        except DRIVER_ERRORS as exc:
             # The cause is the error worth raising; this one only says the producer is
             # now unusable, which the next transaction will report.
             log.warning(
