@@ -17,7 +17,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from dmover.local import STATE_FILE, DeploymentError, LocalDeployment, read_state, tail
+from datapath.localsite import log_tail
+from dmover.local import STATE_FILE, DeploymentError, LocalDeployment, read_state
 from services.applier.command import applier_command
 from services.receiver.command import receiver_command
 from services.transceiver.command import transceiver_command
@@ -69,7 +70,7 @@ def local_up(directory: LocalDir = DEFAULT_LOCAL_DIR, timeout: float = 180.0) ->
     with console.status("starting the source and target sites and the services..."):
         while read_state(directory) is None:
             if supervisor.poll() is not None or time.monotonic() > deadline:
-                console.print(f"[red]local deployment failed to start[/red]\n{tail(log_path)}")
+                console.print(f"[red]local deployment failed to start[/red]\n{log_tail(log_path)}")
                 raise typer.Exit(1)
             time.sleep(0.3)
     _print_endpoints(directory)

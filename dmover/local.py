@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from typing import Any
 import httpx
 
 from datapath.kafka.settings import KafkaClusterSettings
-from datapath.localsite import LocalSites
+from datapath.localsite import LocalSites, free_loopback_ports, log_tail
 from datapath.protection import (
     Disk,
     ProtectedVM,
@@ -63,7 +62,7 @@ class ServiceProcess:
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise DeploymentError(
-                    f"{self.name} exited with {self.process.returncode}:\n{tail(self.log_path)}"
+                    f"{self.name} exited with {self.process.returncode}:\n{log_tail(self.log_path)}"
                 )
             try:
                 if httpx.get(f"{self.http}/health", timeout=1.0).status_code == 200:
@@ -71,7 +70,9 @@ class ServiceProcess:
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        raise DeploymentError(f"{self.name} not healthy after {timeout}s:\n{tail(self.log_path)}")
+        raise DeploymentError(
+            f"{self.name} not healthy after {timeout}s:\n{log_tail(self.log_path)}"
+        )
 
     def stop(self, timeout: float = 20.0) -> None:
         if self.process is None or self.process.poll() is not None:
@@ -94,20 +95,6 @@ class Endpoints:
     services: dict[str, str] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
     plan: str = ""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return f"(no log at {path})"
 
 
 def default_plan(
@@ -184,9 +171,9 @@ class LocalDeployment:
                     Path(disk.source).parent.mkdir(parents=True, exist_ok=True)
                     Path(disk.target).parent.mkdir(parents=True, exist_ok=True)
             dump_protection_plan(plan, self.plan_path)
-            nbd_port = free_port()
+            nbd_port, *http_ports = free_loopback_ports(5)
             nbd_socket = self.root / "tap.sock"
-            self.services = self._service_processes(nbd_port, nbd_socket)
+            self.services = self._service_processes(nbd_port, nbd_socket, http_ports)
             env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.extra_env}
             for service in self.services:
                 service.start(env)
@@ -213,7 +200,9 @@ class LocalDeployment:
         partial.replace(self.root / STATE_FILE)
         return self.endpoints
 
-    def _service_processes(self, nbd_port: int, nbd_socket: Path) -> list[ServiceProcess]:
+    def _service_processes(
+        self, nbd_port: int, nbd_socket: Path, http_ports: list[int]
+    ) -> list[ServiceProcess]:
         dmover = [sys.executable, "-m", "dmover"]
         plan = ["--plan", str(self.plan_path)]
         state = self.root / "state"
@@ -234,18 +223,15 @@ class LocalDeployment:
             ("transceiver", []),
             ("applier", ["--state-dir", str(state / "applier")]),
         ]
-        processes = []
-        for name, extra in specs:
-            port = free_port()
-            processes.append(
-                ServiceProcess(
-                    name=name,
-                    argv=[*dmover, name, *plan, "--host", "127.0.0.1", "--port", str(port), *extra],
-                    http=f"http://127.0.0.1:{port}",
-                    log_path=logs / f"{name}.log",
-                )
+        return [
+            ServiceProcess(
+                name=name,
+                argv=[*dmover, name, *plan, "--host", "127.0.0.1", "--port", str(port), *extra],
+                http=f"http://127.0.0.1:{port}",
+                log_path=logs / f"{name}.log",
             )
-        return processes
+            for (name, extra), port in zip(specs, http_ports, strict=True)
+        ]
 
     def stop(self) -> None:
         for service in reversed(self.services):
