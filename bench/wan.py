@@ -10,7 +10,7 @@ Each runs twice in the same session: ``optimized`` (the receiver folds and compr
 the product default) and ``baseline`` (no folding, no compression). A run publishes the
 whole tap stream first, then times the receiver turning it into batches on the source
 cluster, then the transceiver copying them to the target cluster. Batches are cut at
-``--batch-mib`` of raw guest data (4 MiB: what the default 200 ms interval collects at
+``--batch-mib`` of raw guest data (2 MiB: what the default 100 ms interval collects at
 20 MB/s of guest writes), so the folding measured does not depend on how fast this
 machine happens to be. ``wan_ratio`` is the bytes the transceiver sent / guest bytes.
 
@@ -226,7 +226,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="16 MiB per run")
     parser.add_argument("--mib", type=int, default=64, help="guest MiB per run")
-    parser.add_argument("--batch-mib", type=float, default=4.0, help="raw MiB per batch")
+    parser.add_argument("--batch-mib", type=float, default=2.0, help="raw MiB per batch")
     parser.add_argument("--source", help="source bootstrap servers (default: local site)")
     parser.add_argument("--target", help="target bootstrap servers (default: local site)")
     args = parser.parse_args()

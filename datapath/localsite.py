@@ -45,6 +45,11 @@ DEFAULT_MESSAGE_MAX_BYTES = 8 * 1024 * 1024 + 64 * 1024
 # the spread is noise) and keeps the C2 compiler for throughput.
 JVM_FLAGS = (
     "-Xms64m",
+    # The client-level JIT only: a local site is short-lived and shares a small machine,
+    # and the optimizing compiler's warm-up costs more CPU than its code saves here
+    # (measured: a fresh broker took 7.7 s of CPU for its first 512 MiB with it, 4.4 s
+    # without, and about 3 s either way once warm).
+    "-XX:TieredStopAtLevel=1",
     "-XX:+UseG1GC",
     "-XX:MaxGCPauseMillis=20",
     "-XX:+ExitOnOutOfMemoryError",

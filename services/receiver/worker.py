@@ -20,7 +20,7 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,13 +91,35 @@ class VmPipeline:
         self.last_committed_seq: int | None = None
         self.log_end: int | None = None
         self.retry_at = 0.0
-        self.inflight: asyncio.Task[None] | None = None  # the transaction being published
+        # The latest publication (an outbox being encoded, then committed after the one
+        # before it): at most two at once, one encoding while the other commits.
+        self.inflight: asyncio.Task[None] | None = None
+        self._inflight_encoded = True
+        self._previous: asyncio.Task[None] | None = None
         # Batcher counters already added to the Prometheus counters (reset with the batcher).
         self.reported: dict[str, int] = {}
 
     @property
     def healthy(self) -> bool:
         return self.batcher is not None and not self.fenced
+
+    def may_publish(self) -> bool:
+        """True when a new publication may start: none is in flight, or the latest one is
+        encoded and has nothing before it left to wait for."""
+        latest = self.inflight
+        return latest is None or latest.done() or (self._inflight_encoded and self._previous_done())
+
+    def _previous_done(self) -> bool:
+        previous = self._previous
+        return previous is None or previous.done()
+
+    def publish(self, publication: Coroutine[Any, Any, None]) -> None:
+        self._previous = self.inflight
+        self._inflight_encoded = False
+        self.inflight = asyncio.create_task(publication, name=f"publish-{self.vm.id}")
+
+    def encoded(self) -> None:
+        self._inflight_encoded = True
 
     async def close(self) -> None:
         try:
@@ -425,28 +447,50 @@ class Receiver:
                 if batcher is None:
                     continue
                 batcher.cut_due(now)
-                if pipe.inflight is not None and not pipe.inflight.done():
-                    # One transaction per VM at a time; the next one takes everything cut
-                    # meanwhile. Too much waiting already: stop reading until it is sent.
-                    if batcher.queued_bytes > self._max_queued_bytes:
+                if not pipe.may_publish():
+                    # The next publication takes everything cut meanwhile. Too much
+                    # waiting already: stop reading until the one in flight is sent.
+                    if batcher.queued_bytes > self._max_queued_bytes and pipe.inflight:
                         backlogged.append(pipe.inflight)
                     continue
                 outbox = batcher.take_outbox()
                 if outbox is not None:
-                    pipe.inflight = asyncio.create_task(
-                        self._publish(pipe, outbox), name=f"publish-{pipe.vm.id}"
-                    )
+                    pipe.publish(self._publish(pipe, batcher, outbox, pipe.inflight))
             if backlogged:
                 await asyncio.wait(backlogged)
             if now >= self._next_lag_refresh:
                 self._next_lag_refresh = now + self.settings.lag_refresh_s
                 await self._refresh_lag()
 
-    async def _publish(self, pipe: VmPipeline, outbox: Outbox) -> None:
-        started = time.monotonic()
+    async def _publish(
+        self,
+        pipe: VmPipeline,
+        batcher: VmBatcher,
+        outbox: Outbox,
+        previous: asyncio.Task[None] | None,
+    ) -> None:
+        """Encodes the outbox (in a thread, while `previous` may still be committing), then
+        commits it as one transaction once `previous` has ended, unless that one failed."""
         vm_id = pipe.vm.id
+        started = time.monotonic()
+        encode_error: JournalError | None = None
+        encoded: list[EncodedBatch] = []
         try:
             encoded = await asyncio.to_thread(self._encode, pipe.vm, outbox.batches)
+        except JournalError as exc:
+            encode_error = exc
+        pipe.encoded()
+        encoding_s = time.monotonic() - started
+        if previous is not None:
+            await asyncio.wait([previous])
+        if pipe.batcher is not batcher:
+            # The transaction before this one failed (or the VM was reopened): what this
+            # one holds is read again from the committed offset.
+            return
+        started = time.monotonic()
+        try:
+            if encode_error is not None:
+                raise encode_error
             await within(
                 self.settings.transaction_timeout_ms / 1000,
                 self._transaction(pipe, outbox, encoded),
@@ -474,7 +518,7 @@ class Receiver:
             pipe.producer = self._new_producer(pipe.vm)
             return
         finally:
-            self.metrics.transaction_seconds.observe(time.monotonic() - started)
+            self.metrics.transaction_seconds.observe(encoding_s + time.monotonic() - started)
         pipe.committed_offset = outbox.commit_offset
         m = self.metrics
         for item in encoded:
