@@ -9,8 +9,8 @@ Prints one JSON line:
   applier's applied one are read; the RPO of a sample is the age of the oldest write the
   tap had numbered and the target had not applied (from when the tap first reported it,
   so the figure errs high by up to one sampling period, never low). Beside it, the
-  applier's own RPO gauge, which sees only what reached the target cluster. Goal p99
-  < 250 ms.
+  applier's own RPO gauge (an upper bound: the age of the newest applied record when
+  nothing read is waiting). Goal p99 < 250 ms.
 `--quick` finishes in about a minute.
 """
 

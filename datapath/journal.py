@@ -107,6 +107,9 @@ class MarkerKind(enum.IntEnum):
     RESYNC_START = 1  # brackets a resync (initial full sync or after outage/crash)
     RESYNC_END = 2
     EPOCH_START = 3  # a tap (re)start with a new epoch
+    # The tap wrote nothing for a while: everything numbered before this was published
+    # by its ts_ns, so a target that applied it is complete as of then (bounds the RPO).
+    HEARTBEAT = 4
 
 
 _KIND_BY_CODE: dict[int, RecordKind] = {k.value: k for k in RecordKind}

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -140,3 +143,53 @@ def test_fio_verify_through_the_tap_then_verify_only_on_the_target(
         _run(["qemu-img", "compare", "-f", "raw", "-F", "raw", source, target])
     finally:
         _resume(chain, vm_id, http)
+
+
+def _applier_vm(http: httpx.Client, endpoints: Endpoints, vm_id: str) -> dict[str, Any]:
+    response = http.get(f"{endpoints.services['applier']}/vms/{vm_id}")
+    response.raise_for_status()
+    status: dict[str, Any] = response.json()
+    return status
+
+
+def _wait_for(check: Callable[[], bool], what: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_idle_vm_keeps_a_bounded_rpo_and_a_stalled_pipeline_shows_a_growing_one(
+    chain: tuple[LocalDeployment, Endpoints],
+) -> None:
+    """The tap's heartbeats reach the target while the guest writes nothing: the applied
+    position keeps moving and the RPO stays near the heartbeat interval (1 s). Stop the
+    receiver and the RPO grows instead of reading 0; let it go and the RPO falls back."""
+    deployment, endpoints = chain
+    vm_id = _disk(chain)[0]
+    receiver = next(s.process for s in deployment.services if s.name == "receiver")
+    assert receiver is not None
+    with httpx.Client(timeout=30.0) as http:
+        wait_drained(http, endpoints, vm_id, timeout=240)
+        start = _applier_vm(http, endpoints, vm_id)["applied_seq"]
+        _wait_for(
+            lambda: _applier_vm(http, endpoints, vm_id)["applied_seq"] >= start + 2,
+            "heartbeats of the idle VM to be applied",
+        )
+        # Bounded: a few heartbeat intervals, however loaded the machine is.
+        _wait_for(lambda: _applier_vm(http, endpoints, vm_id)["rpo_seconds"] < 5.0, "RPO < 5 s")
+        os.kill(receiver.pid, signal.SIGSTOP)
+        try:
+            stalled = _applier_vm(http, endpoints, vm_id)["applied_seq"]
+            _wait_for(
+                lambda: _applier_vm(http, endpoints, vm_id)["rpo_seconds"] > 6.0,
+                "the RPO to grow while the receiver is stopped",
+                timeout=60,
+            )
+            assert _applier_vm(http, endpoints, vm_id)["applied_seq"] == stalled
+        finally:
+            os.kill(receiver.pid, signal.SIGCONT)
+        _wait_for(
+            lambda: _applier_vm(http, endpoints, vm_id)["rpo_seconds"] < 5.0,
+            "the RPO to fall back once the receiver runs again",
+        )

@@ -8,6 +8,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from prometheus_client import generate_latest
 from tap_helpers import (
     DiskSpec,
     MiB,
@@ -36,7 +37,10 @@ async def test_qemu_io_writes_on_two_disks_replay_equal_with_one_gapless_sequenc
 ) -> None:
     disks = two_disks(tmp_path)
     plan = write_plan(tmp_path / "plan.yaml", source_cluster, vm_id, disks)
-    settings = tap_settings(tmp_path, plan, producer_process=producer_process)
+    # No heartbeats: the test compares the topic's last number with the tap's, exactly.
+    settings = tap_settings(
+        tmp_path, plan, producer_process=producer_process, heartbeat_interval_s=0
+    )
     async with running_tap(settings) as tap:
         await wait_live(tap, vm_id)
         port = tap.nbd_port
@@ -188,3 +192,28 @@ async def test_writes_queued_during_the_first_full_sync_are_not_lost(
     assert_replay_equals_source(result, [(disks[0].path, replays[0])])
     assert result.writes_inside_resyncs >= 16, "the writes were meant to travel in-band"
     assert len(result.resyncs_completed) >= 1
+
+
+async def test_an_idle_vm_publishes_heartbeats_in_its_gapless_sequence(
+    source_cluster: KafkaClusterSettings, vm_id: str, tmp_path: Path
+) -> None:
+    disks = two_disks(tmp_path, 8 * MiB)
+    plan = write_plan(tmp_path / "plan.yaml", source_cluster, vm_id, disks)
+    settings = tap_settings(tmp_path, plan, heartbeat_interval_s=0.2)
+    async with running_tap(settings) as tap:
+        await wait_live(tap, vm_id)
+        vm_tap = tap.taps[vm_id]
+        await run(
+            "qemu-io", "-f", "raw", nbd_uri(tap.nbd_port, vm_id, "d0"), "-c", "write -P 0x11 0 64k"
+        )
+        written = vm_tap.last_seq_assigned
+        await wait_until(lambda: vm_tap.stats.heartbeats >= 3, "three heartbeats", 30)
+        await wait_caught_up(tap, vm_id)
+        beats = vm_tap.stats.heartbeats
+        result, replays = await replay_onto_files(source_cluster, vm_id, disks, tmp_path / "r")
+        metrics = generate_latest(tap.registry).decode()
+    assert_replay_equals_source(result, [(d.path, r) for d, r in zip(disks, replays, strict=True)])
+    # Each heartbeat took the next number: the sequence stays gapless past the last write.
+    assert result.markers["HEARTBEAT"] >= beats >= 3
+    assert result.last_seq >= written + 3
+    assert f'datamover_tap_heartbeats_total{{vm="{vm_id}"}}' in metrics

@@ -38,6 +38,7 @@ class ReplayResult:
     gaps: list[tuple[int, int]] = field(default_factory=list)  # (expected, found)
     stale_frames: int = 0  # frames of an older epoch after a newer one
     counts: Counter[str] = field(default_factory=Counter)
+    markers: Counter[str] = field(default_factory=Counter)  # MARKER records by marker kind
     bytes: Counter[str] = field(default_factory=Counter)
     resyncs_started: list[int] = field(default_factory=list)
     resyncs_completed: list[int] = field(default_factory=list)
@@ -87,6 +88,8 @@ def replay_frames(frames: Iterable[Frame], disks: Sequence[StorageBackend]) -> R
             kind = record.kind
             result.counts[kind.name] += 1
             result.bytes[kind.name] += record.length
+            if record.marker is not None:
+                result.markers[record.marker.name] += 1
             if kind is RecordKind.MARKER and record.marker is MarkerKind.RESYNC_START:
                 result.resyncs_started.append(record.marker_id)
                 if bracket:

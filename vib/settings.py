@@ -51,6 +51,15 @@ class TapSettings(BaseSettings):
         default=10.0, gt=0, description="a frame unacknowledged this long means an outage"
     )
     reconnect_interval_s: float = Field(default=1.0, gt=0)
+    heartbeat_interval_s: float = Field(
+        default=1.0,
+        ge=0,
+        description=(
+            "after this long without a record, publish a HEARTBEAT marker so the target's "
+            "RPO stays bounded (and grows when the pipeline stalls) while the guest is idle; "
+            "0: never"
+        ),
+    )
     kafka_request_timeout_s: float = Field(default=15.0, gt=0)
 
     extent_size: int = Field(default=4 << 20, description="activity log extent (power of 2)")

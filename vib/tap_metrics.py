@@ -63,6 +63,11 @@ class _TapCollector(Collector):
         resyncs = CounterMetricFamily(
             "datamover_tap_resyncs_completed", "Resync brackets completed.", labels=["vm"]
         )
+        heartbeats = CounterMetricFamily(
+            "datamover_tap_heartbeats",
+            "HEARTBEAT markers published while the guest wrote nothing.",
+            labels=["vm"],
+        )
         al_commits = CounterMetricFamily(
             "datamover_tap_activity_log_commits",
             "Activity log transactions made durable (a write to a cold extent).",
@@ -102,6 +107,7 @@ class _TapCollector(Collector):
             frame_bytes.add_metric([vm], stats.frame_bytes)
             outages.add_metric([vm], stats.outages)
             resyncs.add_metric([vm], stats.resyncs_completed)
+            heartbeats.add_metric([vm], stats.heartbeats)
             al_commits.add_metric([vm], tap.activity_log_commits)
             resync = tap.resync
             running = resync is not None and resync.finished_at is None
@@ -124,6 +130,6 @@ class _TapCollector(Collector):
             current = tap.mode
             for each in Mode:
                 mode.add_metric([vm, each.value], 1 if each is current else 0)
-        yield from (ops, op_bytes, frames, frame_bytes, outages, resyncs, al_commits)
+        yield from (ops, op_bytes, frames, frame_bytes, outages, resyncs, heartbeats, al_commits)
         yield from gauges.values()
         yield mode

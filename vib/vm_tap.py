@@ -180,6 +180,7 @@ class VmStats:
     records: int = 0
     outages: int = 0
     resyncs_completed: int = 0
+    heartbeats: int = 0
 
 
 def _backoff(interval: float, failures: int) -> float:
@@ -651,6 +652,15 @@ class VmTap:
             self._overflow(session)
         return seq
 
+    def _heartbeat(self) -> None:
+        """A HEARTBEAT marker, when publishing and not inside a resync bracket (a bracket
+        is applied only whole, so a heartbeat in it would bound nothing)."""
+        session = self._session
+        if session is None or not session.active or self.bracket_open:
+            return
+        self.emit(session, _MARKER, 0, 0, 0, marker=MarkerKind.HEARTBEAT)
+        self.stats.heartbeats += 1
+
     def _overflow(self, session: PublishSession) -> None:
         if self._policy is OutagePolicy.TRACK:
             session.fail(BufferFull(f"more than {self._buffer_max} bytes unacknowledged"))
@@ -905,13 +915,20 @@ class VmTap:
     async def _housekeeping(self) -> None:
         retire_every = self.settings.retire_interval_s
         outage_timeout = self.settings.outage_timeout_s
+        heartbeat_every = self.settings.heartbeat_interval_s
         next_retire = time.monotonic() + retire_every
+        quiet_since, seen_seq = time.monotonic(), self._next_seq
         while True:
-            await asyncio.sleep(_HOUSEKEEPING_TICK_S)
+            await asyncio.sleep(min(_HOUSEKEEPING_TICK_S, heartbeat_every or _HOUSEKEEPING_TICK_S))
             session = self._session
             if session is not None and session.oldest_unacked_age() > outage_timeout:
                 session.fail(AckOverdue(f"no acknowledgement for {outage_timeout:.0f}s"))
             now = time.monotonic()
+            if self._next_seq != seen_seq:
+                quiet_since, seen_seq = now, self._next_seq
+            elif heartbeat_every and now - quiet_since >= heartbeat_every:
+                self._heartbeat()
+                quiet_since, seen_seq = now, self._next_seq
             if now >= next_retire:
                 next_retire = now + retire_every
                 try:

@@ -730,10 +730,11 @@ class VmApplier:
         oldest = self._oldest_known_ts()
         if oldest is not None:
             return max(0.0, (now - oldest) / 1e9)
-        if self._caught_up():
-            return 0.0
-        # Behind, but the next batch has not been read yet: the newest applied write
-        # bounds the oldest missing one from below, so this over-reports, never under.
+        # Nothing read is waiting. Writes may still be on their way (in the tap, the
+        # receiver's batch window, a transaction): any of them is newer than the newest
+        # record applied, so its age bounds the RPO from above. The tap's heartbeats keep
+        # that record recent while the guest is idle, and let it age when the pipeline
+        # stalls.
         return max(0.0, (now - state.source_ts_ns) / 1e9) if state.source_ts_ns else 0.0
 
     def _oldest_known_ts(self) -> int | None:
