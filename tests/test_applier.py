@@ -337,9 +337,17 @@ async def test_incomplete_resync_bracket_is_not_applied_until_closed(
             # Staged batches are not counted as applied, but they are the RPO.
             assert applier.rpo_seconds() > 0
             assert applier.status()["lag_batches"] == 3
+            # Operators see how long the bracket has been staging, and how large it is.
+            before_s = (time.time_ns() - bracket[0].min_ts_ns) / 1e9
+            staged_age = metric(worker, "datamover_applier_staged_resync_seconds", vm=vm_id)
+            after_s = (time.time_ns() - bracket[0].min_ts_ns) / 1e9
+            assert 0 < before_s <= staged_age <= after_s
+            assert metric(worker, "datamover_applier_staged_resync_bytes", vm=vm_id) > 0
             await writer.send(closing)
             await wait_until(lambda: applier.state.applied_seq == vm.last_seq, what="bracket")
             assert applier.status()["staging_resync"] is None
+            assert metric(worker, "datamover_applier_staged_resync_seconds", vm=vm_id) == 0
+            assert metric(worker, "datamover_applier_staged_resync_bytes", vm=vm_id) == 0
             assert metric(worker, "datamover_applier_units_applied_total", vm=vm_id) == 2
     assert disks[0].read_bytes() == bytes(vm.model[0])
 

@@ -15,7 +15,8 @@ class ApplierMetrics:
         self.rpo = Gauge(
             "datamover_rpo_seconds",
             "Age of the oldest write acknowledged on the source and not yet applied on the "
-            "target (0 when the target has applied everything in its journal).",
+            "target; when nothing read is waiting, the age of the newest record applied (an "
+            "upper bound, kept tight by the tap's heartbeats).",
             vm,
             registry=registry,
         )
@@ -109,6 +110,19 @@ class ApplierMetrics:
         self.lag_bytes = Gauge(
             "datamover_applier_lag_bytes",
             "Encoded bytes of the batches read and not yet applied.",
+            vm,
+            registry=registry,
+        )
+        self.staged_resync_seconds = Gauge(
+            "datamover_applier_staged_resync_seconds",
+            "Age of the oldest write in the resync bracket being staged (0 when none): a "
+            "bracket is applied only whole, so this grows until it completes.",
+            vm,
+            registry=registry,
+        )
+        self.staged_resync_bytes = Gauge(
+            "datamover_applier_staged_resync_bytes",
+            "Encoded bytes of the resync bracket being staged (0 when none).",
             vm,
             registry=registry,
         )

@@ -180,6 +180,10 @@ class VmApplier:
         metrics.lag_messages.labels(**label).set_function(self._lag_messages)
         metrics.lag_batches.labels(**label).set_function(self._lag_batches)
         metrics.lag_bytes.labels(**label).set_function(self._lag_bytes)
+        metrics.staged_resync_seconds.labels(**label).set_function(self._staged_resync_age)
+        metrics.staged_resync_bytes.labels(**label).set_function(
+            lambda: float(self._bracket.nbytes if self._bracket is not None else 0)
+        )
 
     # --- control -----------------------------------------------------------------------
 
@@ -761,6 +765,12 @@ class VmApplier:
             return 0.0
         return float(max(0, self._end_offset - self.state.next_offset))
 
+    def _staged_resync_age(self) -> float:
+        bracket = self._bracket
+        if bracket is None:
+            return 0.0
+        return max(0.0, (time.time_ns() - bracket.min_ts_ns) / 1e9)
+
     def _lag_batches(self) -> float:
         staged = self._bracket.batches if self._bracket is not None else 0
         return float(len(self._pending) + staged)
@@ -801,6 +811,7 @@ class VmApplier:
                 "last_seq": bracket.last_seq,
                 "batches": bracket.batches,
                 "bytes": bracket.nbytes,
+                "age_seconds": round(self._staged_resync_age(), 3),
                 "repairs_gap": bracket.heals,
                 "covered_bytes": None
                 if bracket.coverage is None
