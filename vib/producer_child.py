@@ -6,7 +6,8 @@ it receives, in order, and reports acknowledgements. It exits when its parent as
 (after flushing), when its parent goes away, or on the first Kafka error it reports.
 
 Frames are received straight into their own buffers (a buffered protocol), with no
-intermediate stream buffer: each byte is copied once by the kernel, then by aiokafka.
+intermediate stream buffer: each byte is copied once by the kernel, once into the bytes
+the Kafka client takes, then by librdkafka.
 """
 
 from __future__ import annotations
@@ -202,7 +203,8 @@ async def pump_frames(receiver: FrameReceiver, session: TopicSession, acks: Acks
             if pending:
                 await asyncio.wait(pending)
             return True
-        fut = await session.send(frame)  # type: ignore[arg-type]  # any bytes-like will do
+        # librdkafka takes read-only bytes only: one copy, here in the child.
+        fut = await session.send(bytes(frame))
         fut.add_done_callback(acks.done)
         pending.append(fut)
         if len(pending) > 256:

@@ -1,8 +1,8 @@
 """The tap's Kafka producer in a child process.
 
-Producing through aiokafka costs several milliseconds of CPU per MiB (the driver copies
-each record about ten times and checksums it in software), which in the tap's process
-would be taken from serving guest I/O. So each publishing session gets a child process
+Where there are cores to spare, the producer's work (its calls, its delivery reports,
+librdkafka's threads) need not share a process with the loop that serves guest I/O. So
+each publishing session gets a child process
 (`python -m vib.producer_child`) that owns the producer; the tap hands it encoded frames
 over a socket pair and gets acknowledgements back, in order.
 

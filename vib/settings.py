@@ -85,8 +85,8 @@ class TapSettings(BaseSettings):
         if self.producer_process is not None:
             return self.producer_process
         # Measured on 2 cores (guest, broker and tap sharing them): the child's extra
-        # hop costs as much as it saves; with more cores it takes aiokafka's per-byte
-        # work off the loop that serves the guest.
+        # hop (a copy through a socket pair) costs more than it saves; with more cores it
+        # takes even the producer's calls and reports off the loop that serves the guest.
         return (os.cpu_count() or 1) >= 4
 
     @model_validator(mode="after")

@@ -24,7 +24,6 @@ from datapath.kafka import (
     KafkaUnavailable,
     Producer,
 )
-from datapath.kafka.errors import translate
 from datapath.protection import ProtectedVM
 from datapath.topics import Stream, topic_name, vm_topic_specs
 
@@ -39,7 +38,6 @@ class TopicSession:
 
     def __init__(self, producer: Producer, topic: str, last_seq: int) -> None:
         self._producer = producer
-        self._driver = producer.driver
         self.topic = topic
         self.last_seq = last_seq
 
@@ -62,21 +60,8 @@ class TopicSession:
             await self.abort()
 
     async def abort(self) -> None:
-        """Drops the producer at once: queued frames are never sent, retries stop.
-
-        aiokafka has no public way to do this (its stop() first flushes, forever if the
-        cluster is away), so this stops its sender task and client directly.
-        """
-        driver = self._driver
-        driver._closed = True  # later stop() calls return at once
-        try:
-            await driver._sender.close()
-        except Exception as exc:  # the sender may have died of the very error that ended us
-            log.info("producer on %s ended with %s", self.topic, translate(exc))
-        finally:
-            await driver.client.close()
-        with contextlib.suppress(KafkaError):
-            await self._producer.stop()
+        """Drops the producer at once: queued frames are never sent, retries stop."""
+        await self._producer.abort()
 
 
 class TapTopic:
@@ -95,7 +80,7 @@ class TapTopic:
         self._create = create
         self._timeout_ms = int(request_timeout_s * 1000)
         self._max_request_size = max_request_size or vm.journal.max_message_bytes + 64 * 1024
-        # aiokafka packs several frames into one record batch, and the topic's
+        # The producer packs several frames into one record batch, and the topic's
         # max.message.bytes bounds the whole batch: leave room for the batch's own header.
         self._max_batch_size = vm.journal.max_message_bytes - 64 * 1024
         self._topic_ready = False

@@ -1,7 +1,8 @@
 """The Kafka error model: a few domain errors, one translation, one retry policy.
 
-Driver (aiokafka) errors never leave ``datapath.kafka``: every wrapper raises one of the
-classes below, ``from`` the driver error. Whether to retry is decided in ONE place,
+Driver errors (aiokafka's for consumers and admin, librdkafka's through confluent-kafka
+for producers) never leave ``datapath.kafka``: every wrapper raises one of the classes
+below, ``from`` the driver error. Whether to retry is decided in ONE place,
 :func:`retrying`, and only for :class:`KafkaUnavailable`.
 """
 
@@ -13,12 +14,14 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import aiokafka.errors as driver
+import confluent_kafka as rdkafka
 from prometheus_client import CollectorRegistry, Counter
 
-# What the aiokafka clients raise that `translate` turns into our domain errors.
+# What the drivers raise that `translate` turns into our domain errors.
 DRIVER_ERRORS: tuple[type[BaseException], ...] = (
     driver.KafkaError,
     driver.IllegalOperation,
+    rdkafka.KafkaException,
     OSError,
 )
 
@@ -88,10 +91,68 @@ _UNAVAILABLE = (
 )
 
 
+_RD = rdkafka.KafkaError
+_RD_UNKNOWN_TOPIC = frozenset(
+    {_RD._UNKNOWN_TOPIC, _RD.UNKNOWN_TOPIC_OR_PART, _RD._UNKNOWN_PARTITION}
+)
+_RD_TOO_LARGE = frozenset({_RD.MSG_SIZE_TOO_LARGE, _RD.RECORD_LIST_TOO_LARGE})
+_RD_FENCED = frozenset(
+    {
+        _RD._FENCED,
+        _RD.PRODUCER_FENCED,
+        _RD.INVALID_PRODUCER_EPOCH,
+        _RD.TRANSACTION_COORDINATOR_FENCED,
+    }
+)
+_RD_UNAVAILABLE = frozenset(
+    {
+        _RD._MSG_TIMED_OUT,
+        _RD._TIMED_OUT,
+        _RD._TRANSPORT,
+        _RD._ALL_BROKERS_DOWN,
+        _RD._RESOLVE,
+        # Dropped by an abort (the session that held them ended): not the cluster's fault.
+        _RD._PURGE_QUEUE,
+        _RD._PURGE_INFLIGHT,
+        _RD.REQUEST_TIMED_OUT,
+        _RD.CONCURRENT_TRANSACTIONS,
+        _RD.COORDINATOR_LOAD_IN_PROGRESS,
+        _RD.COORDINATOR_NOT_AVAILABLE,
+        _RD.NOT_COORDINATOR,
+        _RD.LEADER_NOT_AVAILABLE,
+        _RD.NOT_LEADER_FOR_PARTITION,
+        _RD.NOT_ENOUGH_REPLICAS,
+    }
+)
+
+
+def _translate_rdkafka(error: rdkafka.KafkaError) -> KafkaError:
+    code = error.code()
+    detail = f"{error.name()}: {error.str()}"
+    if code in _RD_UNKNOWN_TOPIC:
+        return UnknownTopic(f"topic or partition does not exist ({detail})")
+    if code in _RD_TOO_LARGE:
+        return MessageTooLarge(detail)
+    if code == _RD.TOPIC_ALREADY_EXISTS:
+        return TopicExists(detail)
+    if code in _RD_FENCED:
+        return ProducerFenced(detail)
+    if error.fatal():
+        return KafkaFatal(detail)
+    if code in _RD_UNAVAILABLE or error.retriable():
+        return KafkaUnavailable(detail)
+    return KafkaFatal(detail)
+
+
 def translate(exc: BaseException) -> KafkaError:
     """The domain error for a driver (or socket) error. Already translated errors pass."""
     if isinstance(exc, KafkaError):
         return exc
+    if isinstance(exc, rdkafka.KafkaException):
+        cause = exc.args[0] if exc.args else None
+        if isinstance(cause, rdkafka.KafkaError):
+            return _translate_rdkafka(cause)
+        return KafkaFatal(str(exc))
     detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     if isinstance(exc, _UNKNOWN_TOPIC):
         return UnknownTopic(f"topic or partition does not exist ({detail})")

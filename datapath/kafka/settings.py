@@ -2,8 +2,8 @@
 
 A plain pydantic model, nested into each service's pydantic-settings class (e.g.
 ``DM_RECEIVER_KAFKA__BOOTSTRAP_SERVERS``). Secrets are ``SecretStr``: repr, str and JSON
-dumps show ``**********``; only :meth:`KafkaClusterSettings.client_kwargs` reveals them, to
-the driver.
+dumps show ``**********``; only :meth:`KafkaClusterSettings.client_kwargs` and
+:meth:`KafkaClusterSettings.rdkafka_config` reveal them, to the drivers.
 """
 
 from __future__ import annotations
@@ -97,6 +97,29 @@ class KafkaClusterSettings(BaseModel):
             kwargs["sasl_plain_username"] = self.sasl_username
             kwargs["sasl_plain_password"] = self.sasl_password.get_secret_value()
         return kwargs
+
+    def rdkafka_config(self) -> dict[str, Any]:
+        """The same settings as librdkafka configuration properties (the producers)."""
+        config: dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "client.id": self.client_id,
+            "security.protocol": self.security_protocol.lower(),
+        }
+        if self.uses_tls:
+            config["ssl.endpoint.identification.algorithm"] = "https"
+            if self.ssl_cafile is not None:
+                config["ssl.ca.location"] = str(self.ssl_cafile)
+            if self.ssl_certfile is not None and self.ssl_keyfile is not None:
+                config["ssl.certificate.location"] = str(self.ssl_certfile)
+                config["ssl.key.location"] = str(self.ssl_keyfile)
+            if self.ssl_key_password is not None:
+                config["ssl.key.password"] = self.ssl_key_password.get_secret_value()
+        if self.sasl_mechanism is not None:
+            assert self.sasl_password is not None  # checked by _security_is_complete
+            config["sasl.mechanism"] = self.sasl_mechanism
+            config["sasl.username"] = self.sasl_username
+            config["sasl.password"] = self.sasl_password.get_secret_value()
+        return config
 
     def describe(self) -> str:
         """One line for logs, without secrets."""
