@@ -227,8 +227,10 @@ class Producer(AsyncClient):
     ) -> None:
         # Called on a librdkafka-serving thread.
         loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(_settle, future, error, message)
+        if loop is not None:
+            # A report after the loop closed (its program is exiting) has no one to tell.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_settle, future, error, message)
 
     async def _blocking(self, call: Any, *args: Any, **kwargs: Any) -> Any:
         try:

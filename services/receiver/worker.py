@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import time
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,10 +114,13 @@ class VmPipeline:
         previous = self._previous
         return previous is None or previous.done()
 
-    def publish(self, publication: Coroutine[Any, Any, None]) -> None:
-        self._previous = self.inflight
+    def publish(
+        self, publication: Callable[[asyncio.Task[None] | None], Coroutine[Any, Any, None]]
+    ) -> None:
+        """Starts `publication(previous)`, previous being the publication it must follow."""
+        previous = self._previous = self.inflight
         self._inflight_encoded = False
-        self.inflight = asyncio.create_task(publication, name=f"publish-{self.vm.id}")
+        self.inflight = asyncio.create_task(publication(previous), name=f"publish-{self.vm.id}")
 
     def encoded(self) -> None:
         self._inflight_encoded = True
@@ -455,7 +459,7 @@ class Receiver:
                     continue
                 outbox = batcher.take_outbox()
                 if outbox is not None:
-                    pipe.publish(self._publish(pipe, batcher, outbox, pipe.inflight))
+                    pipe.publish(functools.partial(self._publish, pipe, batcher, outbox))
             if backlogged:
                 await asyncio.wait(backlogged)
             if now >= self._next_lag_refresh:
