@@ -7,6 +7,7 @@ import asyncio
 import socket
 
 import aiokafka.errors as driver
+import confluent_kafka as rdkafka
 import pytest
 from aiokafka.structs import TopicPartition
 from prometheus_client import CollectorRegistry
@@ -156,6 +157,42 @@ def test_driver_errors_translate_to_domain_errors(
     assert type(raised).__name__ in str(translated)
 
 
+_RD = rdkafka.KafkaError
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (_RD(_RD._MSG_TIMED_OUT), KafkaUnavailable),
+        (_RD(_RD._TRANSPORT), KafkaUnavailable),
+        (_RD(_RD._ALL_BROKERS_DOWN), KafkaUnavailable),
+        (_RD(_RD._PURGE_QUEUE), KafkaUnavailable),
+        (_RD(_RD.NOT_ENOUGH_REPLICAS), KafkaUnavailable),
+        (_RD(_RD.CONCURRENT_TRANSACTIONS), KafkaUnavailable),
+        (_RD(_RD.REQUEST_TIMED_OUT), KafkaUnavailable),
+        (_RD(_RD._UNKNOWN_TOPIC), UnknownTopic),
+        (_RD(_RD.UNKNOWN_TOPIC_OR_PART), UnknownTopic),
+        (_RD(_RD.MSG_SIZE_TOO_LARGE), MessageTooLarge),
+        (_RD(_RD._FENCED, fatal=True), ProducerFenced),
+        (_RD(_RD.PRODUCER_FENCED), ProducerFenced),
+        (_RD(_RD.INVALID_PRODUCER_EPOCH), ProducerFenced),
+        (_RD(_RD.TOPIC_ALREADY_EXISTS), TopicExists),
+        (_RD(_RD.SASL_AUTHENTICATION_FAILED), KafkaFatal),
+        (_RD(_RD.TOPIC_AUTHORIZATION_FAILED), KafkaFatal),
+        (_RD(_RD.INVALID_TXN_STATE), KafkaFatal),
+        # Fatal wins over a code that would otherwise be worth a retry.
+        (_RD(_RD._TIMED_OUT, fatal=True), KafkaFatal),
+        (_RD(_RD.UNKNOWN, retriable=True), KafkaUnavailable),
+    ],
+)
+def test_librdkafka_errors_translate_to_the_same_domain_errors(
+    error: rdkafka.KafkaError, expected: type[KafkaError]
+) -> None:
+    translated = translate(rdkafka.KafkaException(error))
+    assert type(translated) is expected
+    assert error.name() in str(translated)
+
+
 def test_unknown_topic_and_fencing_are_fatal_and_domain_errors_pass_through() -> None:
     assert issubclass(UnknownTopic, KafkaFatal)
     assert issubclass(ProducerFenced, KafkaFatal)
@@ -234,6 +271,16 @@ def test_cluster_settings_never_show_their_secrets() -> None:
     assert kwargs["ssl_context"] is not None
     plain = KafkaClusterSettings(bootstrap_servers="127.0.0.1:9092").client_kwargs()
     assert plain["ssl_context"] is None and "sasl_plain_password" not in plain
+    config = settings.rdkafka_config()
+    assert config["bootstrap.servers"] == "k1:9092,k2:9092"
+    assert config["security.protocol"] == "sasl_ssl"
+    assert config["sasl.mechanism"] == "SCRAM-SHA-512"
+    assert config["sasl.username"] == "replicator"
+    assert config["sasl.password"] == "hunter2-secret"
+    assert config["ssl.endpoint.identification.algorithm"] == "https"
+    plain_config = KafkaClusterSettings(bootstrap_servers="127.0.0.1:9092").rdkafka_config()
+    assert plain_config["security.protocol"] == "plaintext"
+    assert not any(key.startswith(("sasl.", "ssl.")) for key in plain_config)
 
 
 @pytest.mark.parametrize(
