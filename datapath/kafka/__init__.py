@@ -1,4 +1,5 @@
-"""Kafka plumbing shared by every service: thin wrappers over aiokafka.
+"""Kafka plumbing shared by every service: thin wrappers over aiokafka (consumer, admin)
+and librdkafka (producers, see :mod:`datapath.kafka.producer`).
 
 One small class each (:class:`Producer`, :class:`TransactionalProducer`, :class:`Consumer`,
 :class:`Admin`) with ``start()``/``stop()`` and ``async with``; driver errors become the

@@ -84,7 +84,7 @@ class KafkaClusterSettings(BaseModel):
         return context
 
     def client_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments common to aiokafka's producer, consumer and admin client."""
+        """Keyword arguments common to aiokafka's consumer and admin client."""
         kwargs: dict[str, Any] = {
             "bootstrap_servers": self.bootstrap_servers,
             "client_id": self.client_id,
