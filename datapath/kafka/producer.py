@@ -177,7 +177,7 @@ class Producer(AsyncClient):
             await self._blocking(producer.list_topics, timeout=self.request_timeout_s)
             await self._on_start(producer)
         except BaseException:
-            await self._release(drain_s=0)
+            await self._release()
             raise
         log.debug("%s started on %s", type(self).__name__, self.cluster.describe())
 
@@ -194,15 +194,15 @@ class Producer(AsyncClient):
         try:
             left = await self._blocking(producer.flush, self.request_timeout_s)
         finally:
-            await self._release(drain_s=0)
+            await self._release()
         if left:
             raise KafkaUnavailable(f"{left} records were not delivered before the producer stopped")
 
     async def abort(self) -> None:
         """Closes at once: queued records are dropped and fail, none is sent any more."""
-        await self._release(drain_s=0)
+        await self._release()
 
-    async def _release(self, *, drain_s: float) -> None:
+    async def _release(self) -> None:
         producer, self._producer = self._producer, None
         if producer is None:
             return
@@ -210,7 +210,7 @@ class Producer(AsyncClient):
         poller, self._poller = self._poller, None
         # Purging fails what is left (their futures settle); librdkafka's teardown may
         # wait for its threads: both off the event loop.
-        await asyncio.to_thread(_tear_down, producer, poller, drain_s)
+        await asyncio.to_thread(_tear_down, producer, poller)
 
     def _serve_reports(self, producer: rdkafka.Producer) -> None:
         while not self._stopping.is_set():
@@ -291,13 +291,12 @@ class Producer(AsyncClient):
             raise KafkaUnavailable(f"{left} records still unacknowledged after the flush")
 
 
-def _tear_down(producer: rdkafka.Producer, poller: threading.Thread | None, drain_s: float) -> None:
+def _tear_down(producer: rdkafka.Producer, poller: threading.Thread | None) -> None:
     if poller is not None:
         poller.join()
     with contextlib.suppress(rdkafka.KafkaException, RuntimeError):
         producer.purge()
     # Serves the reports of what the purge failed, so their futures settle.
-    producer.flush(drain_s)
     producer.poll(0)
 
 
