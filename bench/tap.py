@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from datapath.kafka import KafkaClusterSettings  # noqa: E402
-from datapath.localsite import KafkaSite  # noqa: E402
+from datapath.localsite import KafkaSite, free_loopback_ports  # noqa: E402
 from datapath.protection import (  # noqa: E402
     Disk,
     ProtectedVM,
@@ -47,13 +47,6 @@ from datapath.protection import (  # noqa: E402
 )
 
 MiB = 1024 * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def wait_for_port(port: int, timeout: float = 60.0) -> None:
@@ -134,7 +127,7 @@ def measure_both(
 
 @contextlib.contextmanager
 def nbdkit_file(path: Path) -> Iterator[str]:
-    port = free_port()
+    port = free_loopback_ports(1)[0]
     proc = subprocess.Popen(
         ["nbdkit", "--foreground", "--exit-with-parent", "-p", str(port), "file", str(path)],
         stdout=subprocess.DEVNULL,
@@ -159,7 +152,7 @@ def tap_process(root: Path, bootstrap: str, vm_id: str, disk: Path, size: int) -
     )
     plan_path = root / "plan.yaml"
     dump_protection_plan(plan, plan_path)
-    nbd_port, http_port = free_port(), free_port()
+    nbd_port, http_port = free_loopback_ports(1)[0], free_loopback_ports(1)[0]
     log = (root / "tap.log").open("w")
     proc = subprocess.Popen(
         [

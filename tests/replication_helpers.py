@@ -6,7 +6,6 @@ import asyncio
 import itertools
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from aiokafka.structs import TopicPartition
 
 from datapath.journal import Batch, BatchAssembler, MarkerKind, Record, RecordKind, encode_frame
 from datapath.kafka import Admin, Consumer, KafkaClusterSettings, Producer
+from datapath.localsite import free_loopback_ports
 from datapath.protection import (
     Disk,
     ProtectedVM,
@@ -232,19 +232,12 @@ def check_batches(batches: list[Batch], raw: list[Record]) -> None:
             ), f"disk {disk} differs after batch {batch.first_seq}..{batch.last_seq}"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 class ServiceProcess:
     """A receiver or transceiver run as ``python -m services.<name>``, killable at will."""
 
     def __init__(self, name: str, args: list[str], log_path: Path, env: dict[str, str]) -> None:
         self.name = name
-        self.port = free_port()
+        self.port = free_loopback_ports(1)[0]
         self.argv = [
             sys.executable,
             "-m",

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -18,6 +17,7 @@ from typing import Any
 import httpx
 
 from datapath.kafka import KafkaClusterSettings
+from datapath.localsite import free_loopback_ports
 from datapath.protection import (
     Disk,
     Journal,
@@ -189,21 +189,14 @@ def assert_replay_equals_source(result: ReplayResult, pairs: Sequence[tuple[Path
         assert diff is None, f"{replay.name} differs from {source.name} at byte {diff}"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 class TapProcess:
     """The tap as an operator runs it: `python -m vib ...` in a child process."""
 
     def __init__(self, root: Path, plan: Path, *, env: dict[str, str] | None = None) -> None:
         self.root = root
         self.plan = plan
-        self.nbd_port = free_port()
-        self.http_port = free_port()
+        self.nbd_port = free_loopback_ports(1)[0]
+        self.http_port = free_loopback_ports(1)[0]
         self.env = {**os.environ, **(env or {})}
         self.proc: asyncio.subprocess.Process | None = None
         self.log_path = root / "tap.log"

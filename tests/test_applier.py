@@ -19,6 +19,7 @@ from test_applier_support import (
     JournalWriter,
     SourceVm,
     create_topics,
+    file_targets,
     running_applier,
     wait_until,
     write_plan,
@@ -68,14 +69,7 @@ async def test_batches_apply_in_order_and_target_equals_the_source(
     vm_id: str,
 ) -> None:
     sizes = [4 * MIB, 2 * MIB]
-    disks = [tmp_path / "t0.img", tmp_path / "t1.img"]
-    plan = write_plan(
-        tmp_path / "plan.yaml",
-        source_cluster,
-        target_cluster,
-        {vm_id: [(str(d), s) for d, s in zip(disks, sizes, strict=True)]},
-    )
-    await create_topics(target_cluster, vm_id)
+    disks, plan = await file_targets(tmp_path, source_cluster, target_cluster, vm_id, sizes)
     vm = SourceVm(vm_id, sizes, seed=11)
     async with JournalWriter(target_cluster, vm_id) as writer:
         # Multi-chunk batches (64 KiB messages), several batches per transaction.
@@ -109,11 +103,7 @@ async def test_paused_vm_applies_nothing_and_its_rpo_grows(
     target_cluster: KafkaClusterSettings,
     vm_id: str,
 ) -> None:
-    disks = [tmp_path / "t0.img"]
-    plan = write_plan(
-        tmp_path / "plan.yaml", source_cluster, target_cluster, {vm_id: [(str(disks[0]), MIB)]}
-    )
-    await create_topics(target_cluster, vm_id)
+    disks, plan = await file_targets(tmp_path, source_cluster, target_cluster, vm_id, [MIB])
     vm = SourceVm(vm_id, [MIB], seed=4)
     async with (
         JournalWriter(target_cluster, vm_id) as writer,
@@ -174,11 +164,7 @@ async def test_duplicate_batches_are_refused_silently(
     vm_id: str,
 ) -> None:
     sizes = [2 * MIB]
-    disks = [tmp_path / "t0.img"]
-    plan = write_plan(
-        tmp_path / "plan.yaml", source_cluster, target_cluster, {vm_id: [(str(disks[0]), sizes[0])]}
-    )
-    await create_topics(target_cluster, vm_id)
+    disks, plan = await file_targets(tmp_path, source_cluster, target_cluster, vm_id, sizes)
     vm = SourceVm(vm_id, sizes, seed=5)
     first = vm.batch(vm.ops(10))
     second = vm.batch(vm.ops(10))
@@ -205,14 +191,7 @@ async def test_applier_never_applies_past_a_gap_and_asks_for_a_resync(
     vm_id: str,
 ) -> None:
     sizes = [2 * MIB, 1 * MIB]
-    disks = [tmp_path / "t0.img", tmp_path / "t1.img"]
-    plan = write_plan(
-        tmp_path / "plan.yaml",
-        source_cluster,
-        target_cluster,
-        {vm_id: [(str(d), s) for d, s in zip(disks, sizes, strict=True)]},
-    )
-    await create_topics(target_cluster, vm_id)
+    disks, plan = await file_targets(tmp_path, source_cluster, target_cluster, vm_id, sizes)
     status_end = await _end_offset(target_cluster, topic_name(Stream.STATUS))
     vm = SourceVm(vm_id, sizes, seed=7)
     before = [vm.batch(vm.ops(8)) for _ in range(3)]
@@ -307,11 +286,7 @@ async def test_incomplete_resync_bracket_is_not_applied_until_closed(
     vm_id: str,
 ) -> None:
     sizes = [2 * MIB]
-    disks = [tmp_path / "t0.img"]
-    plan = write_plan(
-        tmp_path / "plan.yaml", source_cluster, target_cluster, {vm_id: [(str(disks[0]), sizes[0])]}
-    )
-    await create_topics(target_cluster, vm_id)
+    disks, plan = await file_targets(tmp_path, source_cluster, target_cluster, vm_id, sizes)
     vm = SourceVm(vm_id, sizes, seed=3)
     async with JournalWriter(target_cluster, vm_id) as writer:
         await writer.send(vm.batch(vm.ops(10)), vm.batch(vm.ops(10)))
@@ -362,11 +337,7 @@ async def test_superseded_bracket_is_applied_with_its_successor_as_one_unit(
     one; the abandoned bracket's batches are still in the sequence, so they are applied
     with the new bracket, as one unit, when it completes (never before, never dropped)."""
     sizes = [2 * MIB]
-    disks = [tmp_path / "t0.img"]
-    plan = write_plan(
-        tmp_path / "plan.yaml", source_cluster, target_cluster, {vm_id: [(str(disks[0]), sizes[0])]}
-    )
-    await create_topics(target_cluster, vm_id)
+    disks, plan = await file_targets(tmp_path, source_cluster, target_cluster, vm_id, sizes)
     vm = SourceVm(vm_id, sizes, seed=5)
     async with JournalWriter(target_cluster, vm_id) as writer:
         await writer.send(vm.batch(vm.ops(10)))
@@ -550,14 +521,7 @@ async def test_crash_in_the_middle_of_a_unit_is_repaired_before_anything_else(
     vm_id: str,
 ) -> None:
     sizes = [2 * MIB, 2 * MIB]
-    disks = [tmp_path / "t0.img", tmp_path / "t1.img"]
-    plan_path = write_plan(
-        tmp_path / "plan.yaml",
-        source_cluster,
-        target_cluster,
-        {vm_id: [(str(d), s) for d, s in zip(disks, sizes, strict=True)]},
-    )
-    await create_topics(target_cluster, vm_id)
+    disks, plan_path = await file_targets(tmp_path, source_cluster, target_cluster, vm_id, sizes)
     state_dir = tmp_path / "state"
     vm = SourceVm(vm_id, sizes, seed=13, zero_fraction=0.2, trim_fraction=0.1)
     applied = [vm.batch(vm.ops(10)) for _ in range(2)]

@@ -10,7 +10,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,20 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from test_applier_support import JournalWriter, SourceVm, create_topics, write_plan
+from test_applier_support import JournalWriter, SourceVm, file_targets
 
 from datapath.integrity import consistent_prefixes, holds_prefix
 from datapath.kafka import KafkaClusterSettings
-from datapath.localsite import REPO_ROOT
+from datapath.localsite import REPO_ROOT, free_loopback_ports
 
 MIB = 1024 * 1024
 KILLS = 20
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class ApplierProcess:
@@ -49,7 +42,7 @@ class ApplierProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        self.port = free_port()
+        self.port = free_loopback_ports(1)[0]
         env = {
             **os.environ,
             "DM_APPLIER_FETCH_TIMEOUT_S": "0.2",
@@ -148,14 +141,7 @@ async def test_sigkilled_applier_keeps_the_target_a_prefix_of_the_source(
     vm_id: str,
 ) -> None:
     sizes = [4 * MIB, 4 * MIB]
-    disks = [tmp_path / "t0.img", tmp_path / "t1.img"]
-    plan = write_plan(
-        tmp_path / "plan.yaml",
-        source_cluster,
-        target_cluster,
-        {vm_id: [(str(d), s) for d, s in zip(disks, sizes, strict=True)]},
-    )
-    await create_topics(target_cluster, vm_id)
+    disks, plan = await file_targets(tmp_path, source_cluster, target_cluster, vm_id, sizes)
     state_dir = tmp_path / "state"
     state_file = state_dir / f"{vm_id}.json"
     vm = SourceVm(vm_id, sizes, seed=99, max_blocks=8)

@@ -68,6 +68,26 @@ async def create_topics(cluster: KafkaClusterSettings, *vm_ids: str) -> None:
         await admin.create_topics(specs)
 
 
+async def file_targets(
+    tmp_path: Path,
+    source: KafkaClusterSettings,
+    target: KafkaClusterSettings,
+    vm_id: str,
+    sizes: Sequence[int],
+) -> tuple[list[Path], Path]:
+    """One VM whose target disks are files t0.img, t1.img... in tmp_path: the disks, and the
+    plan (written to tmp_path/plan.yaml) with the VM's topics created on the target."""
+    disks = [tmp_path / f"t{i}.img" for i in range(len(sizes))]
+    plan = write_plan(
+        tmp_path / "plan.yaml",
+        source,
+        target,
+        {vm_id: [(str(d), s) for d, s in zip(disks, sizes, strict=True)]},
+    )
+    await create_topics(target, vm_id)
+    return disks, plan
+
+
 class SourceVm:
     """A VM on the source site as the applier sees it: its sequence of writes (from an
     integrity workload, so every block names its write), a model of its disks, and the

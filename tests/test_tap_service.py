@@ -14,7 +14,6 @@ from tap_helpers import (
     DiskSpec,
     MiB,
     assert_replay_equals_source,
-    free_port,
     nbd_uri,
     replay_onto_files,
     run,
@@ -27,6 +26,7 @@ from tap_helpers import (
 from typer.testing import CliRunner
 
 from datapath.kafka import KafkaClusterSettings
+from datapath.localsite import free_loopback_ports
 from vib.command import tap_command
 from vib.settings import OutagePolicy, TapSettings
 from vib.vm_tap import Mode
@@ -99,7 +99,7 @@ async def test_a_refused_request_costs_no_sequence_number(
 async def test_the_guest_is_served_while_kafka_was_never_reachable(
     vm_id: str, tmp_path: Path
 ) -> None:
-    nowhere = KafkaClusterSettings(bootstrap_servers=f"127.0.0.1:{free_port()}")
+    nowhere = KafkaClusterSettings(bootstrap_servers=f"127.0.0.1:{free_loopback_ports(1)[0]}")
     disks = [DiskSpec("d0", tmp_path / "src.img", 16 * MiB)]
     plan = write_plan(tmp_path / "plan.yaml", nowhere, vm_id, disks)
     async with running_tap(tap_settings(tmp_path, plan)) as tap:
@@ -130,7 +130,7 @@ async def test_the_guest_is_served_while_kafka_was_never_reachable(
 async def test_a_full_sync_requested_before_a_crash_is_not_lost(vm_id: str, tmp_path: Path) -> None:
     """A crash between 'full sync requested' and durable bitmap marks: the next start marks
     the bitmaps again rather than trusting them."""
-    nowhere = KafkaClusterSettings(bootstrap_servers=f"127.0.0.1:{free_port()}")
+    nowhere = KafkaClusterSettings(bootstrap_servers=f"127.0.0.1:{free_loopback_ports(1)[0]}")
     disks = [DiskSpec("d0", tmp_path / "src.img", 4 * MiB)]
     plan = write_plan(tmp_path / "plan.yaml", nowhere, vm_id, disks)
     settings = tap_settings(tmp_path, plan)

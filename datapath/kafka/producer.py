@@ -107,6 +107,10 @@ class Delivery:
 class Producer(AsyncClient):
     """An idempotent producer: acks=all, no duplicates or reordering on retries."""
 
+    # A transaction's commit raises if any of its records failed, so awaiting each
+    # delivery is optional there (and asyncio must not log an unawaited failure).
+    _commit_reports_failures = False
+
     def __init__(
         self,
         cluster: KafkaClusterSettings,
@@ -257,6 +261,8 @@ class Producer(AsyncClient):
         producer = self.driver
         assert self._loop is not None
         future: asyncio.Future[RecordMetadata] = self._loop.create_future()
+        if self._commit_reports_failures:
+            future.add_done_callback(_mark_retrieved)
         options: dict[str, Any] = {"on_delivery": functools.partial(self._on_delivery, future)}
         if partition is not None:
             options["partition"] = partition
@@ -318,8 +324,12 @@ class TransactionalProducer(Producer):
 
     One transactional id per copy task: starting a second producer with the same id fences
     the first (:class:`ProducerFenced`). After a fatal error the producer must be stopped
-    and a new one started; it resumes from the last committed transaction.
+    and a new one started; it resumes from the last committed transaction. Awaiting a
+    record's delivery is optional: the commit raises if any of the transaction's records
+    failed.
     """
+
+    _commit_reports_failures = True
 
     def __init__(
         self,
@@ -350,24 +360,6 @@ class TransactionalProducer(Producer):
         # InitProducerId: fences any other producer with this id and waits until its
         # open transaction is completed or aborted.
         await self._blocking(producer.init_transactions, self.request_timeout_s)
-
-    async def send(
-        self,
-        topic: str,
-        value: bytes | None,
-        key: bytes | None = None,
-        *,
-        partition: int | None = None,
-        headers: list[tuple[str, bytes]] | None = None,
-    ) -> Delivery:
-        """Queue one record of the current transaction (see :meth:`Producer.send`).
-
-        Awaiting the delivery is optional: the transaction's commit is what counts, and it
-        raises if any of its records failed.
-        """
-        delivery = await super().send(topic, value, key, partition=partition, headers=headers)
-        delivery.future.add_done_callback(_mark_retrieved)
-        return delivery
 
     @property
     def in_transaction(self) -> bool:
