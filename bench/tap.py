@@ -152,7 +152,7 @@ def tap_process(root: Path, bootstrap: str, vm_id: str, disk: Path, size: int) -
     )
     plan_path = root / "plan.yaml"
     dump_protection_plan(plan, plan_path)
-    nbd_port, http_port = free_loopback_ports(1)[0], free_loopback_ports(1)[0]
+    nbd_port, http_port = free_loopback_ports(2)
     log = (root / "tap.log").open("w")
     proc = subprocess.Popen(
         [

@@ -195,8 +195,7 @@ class TapProcess:
     def __init__(self, root: Path, plan: Path, *, env: dict[str, str] | None = None) -> None:
         self.root = root
         self.plan = plan
-        self.nbd_port = free_loopback_ports(1)[0]
-        self.http_port = free_loopback_ports(1)[0]
+        self.nbd_port, self.http_port = free_loopback_ports(2)
         self.env = {**os.environ, **(env or {})}
         self.proc: asyncio.subprocess.Process | None = None
         self.log_path = root / "tap.log"

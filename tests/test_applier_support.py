@@ -318,7 +318,3 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {within}s waiting for {what}")
         await asyncio.sleep(0.05)
-
-
-def read_image(path: Path) -> bytes:
-    return path.read_bytes()

@@ -83,10 +83,6 @@ class Slot:
         self.waiters: list[asyncio.Future[None]] = []
 
 
-def _key(disk: int, index: int) -> int:
-    return (disk << _DISK_SHIFT) | index
-
-
 class ActivityLog:
     """The hot-extent table of one VM, persisted in one small file.
 
@@ -438,14 +434,6 @@ class ActivityLog:
     @property
     def hot_count(self) -> int:
         return len(self._hot)
-
-    def hot_extents(self) -> list[HotExtent]:
-        size = self.extent_size
-        return [
-            HotExtent(key >> _DISK_SHIFT, (key & _INDEX_MASK) * size, size)
-            for key, slot in self._hot.items()
-            if slot.committed
-        ]
 
     async def close(self) -> None:
         self._closed = True

@@ -59,7 +59,6 @@ class ProducerProcess:
         self.last_seq = last_seq
         self._pending: collections.deque[asyncio.Future[Any]] = collections.deque()
         self._acked = 0
-        self._sent = 0
         self._failure: BaseException | None = None
         self._acks = asyncio.create_task(self._read_acks(), name=f"acks-{topic}")
 
@@ -68,7 +67,6 @@ class ProducerProcess:
             raise self._failure
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.append(fut)
-        self._sent += 1
         writer = self._writer
         writer.write(FRAME_LENGTH.pack(len(frame)))
         writer.write(frame)

@@ -39,7 +39,6 @@ class SessionFailed(Exception):
 
 
 # Records whose region the target must see again if they are lost.
-CHANGING_KINDS = RANGE_KINDS
 
 Region = tuple[int, int, int]  # disk, offset, length
 
@@ -49,7 +48,7 @@ class _Sent:
 
     def __init__(self, records: list[Record], size: int, first_gen: int) -> None:
         # Only the regions are kept (not the data): enough to mark them dirty.
-        changing = CHANGING_KINDS
+        changing = RANGE_KINDS
         self.regions: list[Region] = [
             (r.disk, r.offset, r.length) for r in records if r.kind in changing
         ]
@@ -105,7 +104,6 @@ class PublishSession:
         self._task: asyncio.Task[None] | None = None
         self.active = True
         self.acked_seq = 0
-        self.frames_sent = 0
         self.failure: BaseException | None = None
 
     def start(self) -> None:
@@ -151,7 +149,7 @@ class PublishSession:
         """(disk, offset, length) of every data-changing record not acknowledged."""
         for sent in self._inflight:
             yield from sent.regions
-        changing = CHANGING_KINDS
+        changing = RANGE_KINDS
         for record in self._pending:
             if record.kind in changing:
                 yield record.disk, record.offset, record.length
@@ -212,7 +210,6 @@ class PublishSession:
         self._inflight_bytes += size
         frame = encode_frame(self.vm_id, self.epoch, records)
         fut = await self._sink.send(frame)
-        self.frames_sent += 1
         fut.add_done_callback(lambda f: self._sent_done(sent, f))
 
     def _sent_done(self, sent: _Sent, fut: asyncio.Future[Any]) -> None:

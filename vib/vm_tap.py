@@ -180,7 +180,6 @@ class VmStats:
     flushes: int = 0
     frames: int = 0
     frame_bytes: int = 0
-    records: int = 0
     outages: int = 0
     resyncs_completed: int = 0
     heartbeats: int = 0
@@ -217,10 +216,9 @@ class VmTap:
         )
         self._policy = settings.outage_policy
         self._buffer_max = settings.buffer_max_bytes
-        # A frame (one Kafka message) must fit the topic's max.message.bytes.
+        # A frame (one Kafka message) must fit the topic's max.message.bytes; one record may
+        # exceed the frame bound by its header: the bound leaves room.
         self._frame_max = min(settings.frame_max_bytes, vm.journal.max_message_bytes - (128 << 10))
-        # One record may exceed the frame bound by its header: the bound leaves room.
-        self._record_max = self._frame_max
         # A zero/trim range is split so that one piece pins at most half the log's slots.
         self._range_piece = max(1, settings.activity_log_slots // 2) * settings.extent_size
         self.stats = VmStats()
@@ -465,7 +463,7 @@ class VmTap:
         gen = self._gen = self._gen + 1
         session = self._session
         if session is not None:
-            if length <= self._record_max:
+            if length <= self._frame_max:
                 seq = self._next_seq
                 self._next_seq = seq + 1
                 session.append(
@@ -513,7 +511,7 @@ class VmTap:
     def _append_split_write(
         self, session: PublishSession, index: int, offset: int, data: memoryview, gen: int
     ) -> None:
-        step = self._record_max
+        step = self._frame_max
         for start in range(0, len(data), step):
             piece = data[start : start + step]
             seq = self._next_seq
@@ -867,7 +865,7 @@ class VmTap:
 
     def _start_resync(self, session: PublishSession) -> None:
         full = self.state.full_sync_pending
-        chunk = min(self.settings.resync_chunk_bytes, self._record_max)
+        chunk = min(self.settings.resync_chunk_bytes, self._frame_max)
         resync = Resync(self, session, full=full, chunk_bytes=chunk)
         self.resync = resync
         requests = self._full_sync_requests

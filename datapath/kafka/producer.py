@@ -30,7 +30,6 @@ import confluent_kafka as rdkafka
 from aiokafka.structs import TopicPartition
 
 from datapath.kafka.errors import (
-    DRIVER_ERRORS,
     KafkaError,
     KafkaFatal,
     KafkaUnavailable,
@@ -98,10 +97,8 @@ class Delivery:
         return self.future.done()
 
     def __await__(self) -> Generator[Any, None, RecordMetadata]:
-        try:
-            return (yield from self.future.__await__())
-        except DRIVER_ERRORS as exc:
-            raise translate(exc) from exc
+        # The future holds a domain error already (see _settle).
+        return (yield from self.future.__await__())
 
 
 class Producer(AsyncClient):
@@ -361,10 +358,6 @@ class TransactionalProducer(Producer):
         # open transaction is completed or aborted.
         await self._blocking(producer.init_transactions, self.request_timeout_s)
 
-    @property
-    def in_transaction(self) -> bool:
-        return self._pending_offsets is not None
-
     def send_offsets_to_transaction(
         self, offsets: Mapping[TopicPartition, int], group_id: str
     ) -> None:
@@ -397,9 +390,9 @@ class TransactionalProducer(Producer):
             yield self
             await self._commit(producer)
         except BaseException as exc:
+            # The producer's own calls raise domain errors; anything else the block raised
+            # is the caller's and passes unchanged.
             await self._abort(producer, exc)
-            if isinstance(exc, DRIVER_ERRORS) and not isinstance(exc, KafkaError):
-                raise translate(exc) from exc
             raise
         finally:
             self._pending_offsets, self._pending_group = None, None

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 from datapath.journal import (
     DATA_KINDS,
@@ -37,6 +38,7 @@ from datapath.journal import (
 )
 
 from .folding import fold_records
+from .settings import ReceiverSettings
 
 log = logging.getLogger(__name__)
 
@@ -148,11 +150,17 @@ class Outbox:
         return bool(self.batches or self.events)
 
 
+def _setting_default(name: str) -> Any:
+    return ReceiverSettings.model_fields[name].default
+
+
 @dataclass(frozen=True, slots=True)
 class BatcherLimits:
-    interval_s: float = 0.2
-    max_batch_bytes: int = 16 * 1024 * 1024
-    max_batch_records: int = 100_000
+    """When to cut; the defaults are the receiver settings' (one place for each number)."""
+
+    interval_s: float = _setting_default("batch_interval_s")
+    max_batch_bytes: int = _setting_default("max_batch_bytes")
+    max_batch_records: int = _setting_default("max_batch_records")
 
 
 @dataclass(slots=True)

@@ -27,7 +27,7 @@ def receiver_command(
         typer.Option(help="static group member id, unique per receiver (fast restarts)"),
     ] = None,
     batch_interval: Annotated[
-        float | None, typer.Option(help="seconds between batch cuts (default 0.2)")
+        float | None, typer.Option(help="seconds between batch cuts (default: batch_interval_s)")
     ] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING, ERROR")] = "INFO",
 ) -> None:

@@ -35,7 +35,7 @@ from datapath.journal import (
     ChunkHeader,
     JournalError,
     encode_batch,
-    encoded_record_size,
+    peek_header,
 )
 from datapath.kafka import (
     Consumer,
@@ -556,7 +556,8 @@ class Receiver:
                 compress=settings.compress,
                 level=settings.compression_level,
             )
-            payload = sum(encoded_record_size(r) for r in batch.records)
+            # Every chunk header carries the uncompressed payload's length.
+            payload = peek_header(chunks[0]).payload_len
             encoded.append(EncodedBatch(cut, batch, chunks, payload))
         return encoded
 
