@@ -298,3 +298,8 @@ class ReadWindow:
         self.start = start
         self.end = end
         self.conflict = False
+
+    def touch(self, disk: int, offset: int, length: int) -> None:
+        """A change to `disk` at offset..offset+length: a conflict if it overlaps."""
+        if disk == self.disk and offset < self.end and offset + length > self.start:
+            self.conflict = True

@@ -478,22 +478,15 @@ class VmTap:
             if session.buffered_bytes > self._buffer_max:
                 self._overflow(session)
         else:
-            disk.bitmap.mark(offset, length)
-            if not self._unflushed_min:
-                self._unflushed_min = gen
+            self._mark_dirty(disk, offset, length, gen)
         if slot is None:
             al.end_write(index, offset, length, gen)
         else:
             slot.last_gen = gen
             slot.tick = al.tick
         window = self.window
-        if (
-            window is not None
-            and window.disk == index
-            and offset < window.end
-            and offset + length > window.start
-        ):
-            window.conflict = True
+        if window is not None:
+            window.touch(index, offset, length)
         stats = self.stats
         stats.writes += 1
         stats.write_bytes += length
@@ -504,7 +497,13 @@ class VmTap:
         # The write travels inside a resync bracket and reaches the target only when a
         # bracket completes (this one, or one superseding it that is applied with it as one
         # unit): until then, the bitmap must name the region too.
-        disk.bitmap.mark(offset, length, transient=True)
+        self._mark_dirty(disk, offset, length, gen, transient=True)
+
+    def _mark_dirty(
+        self, disk: TapDisk, offset: int, length: int, gen: int, *, transient: bool = False
+    ) -> None:
+        """Marks the region in the bitmap; `gen` is safe once the marks are flushed."""
+        disk.bitmap.mark(offset, length, transient=transient)
         if not self._unflushed_min:
             self._unflushed_min = gen
 
@@ -514,13 +513,7 @@ class VmTap:
         step = self._frame_max
         for start in range(0, len(data), step):
             piece = data[start : start + step]
-            seq = self._next_seq
-            self._next_seq = seq + 1
-            session.append(
-                _record(_WRITE, seq, index, offset + start, len(piece), piece),
-                RECORD_HEADER_SIZE + len(piece),
-                gen,
-            )
+            self._append(session, _WRITE, index, offset + start, len(piece), piece, gen=gen)
 
     async def write_zeroes(
         self, disk: TapDisk, offset: int, length: int, *, may_trim: bool, fua: bool
@@ -575,35 +568,24 @@ class VmTap:
             gen = self._gen = self._gen + 1
             session = self._session
             if session is not None:
-                seq = self._next_seq
-                self._next_seq = seq + 1
-                session.append(_record(kind, seq, index, pos, size), RECORD_HEADER_SIZE, gen)
+                self._append(session, kind, index, pos, size, gen=gen)
                 if self.bracket_open:
                     self._mark_inside_bracket(disk, pos, size, gen)
                 if session.buffered_bytes > self._buffer_max:
                     self._overflow(session)
             else:
-                disk.bitmap.mark(pos, size)
-                if not self._unflushed_min:
-                    self._unflushed_min = gen
+                self._mark_dirty(disk, pos, size, gen)
             self._al.end_write(index, pos, size, gen)
             window = self.window
-            if (
-                window is not None
-                and window.disk == index
-                and pos < window.end
-                and pos + size > window.start
-            ):
-                window.conflict = True
+            if window is not None:
+                window.touch(index, pos, size)
             pos += size
 
     async def flush(self, disk: TapDisk) -> None:
         """The guest's FLUSH: a FLUSH record in the sequence, then local durability."""
         session = self._session
         if session is not None:
-            seq = self._next_seq
-            self._next_seq = seq + 1
-            session.append(_record(_FLUSH, seq, disk.index, 0, 0), RECORD_HEADER_SIZE)
+            self._append(session, _FLUSH, disk.index, 0, 0)
         self.stats.flushes += 1
         await self._make_durable(disk)
 
@@ -623,10 +605,8 @@ class VmTap:
         # The storage may have applied part of it: resync the region to be sure.
         if pinned:
             self._al.abort_write(disk.index, offset, length)
-        disk.bitmap.mark(offset, length)
-        gen = self._gen = self._gen + 1
-        if not self._unflushed_min:
-            self._unflushed_min = gen
+        self._gen += 1
+        self._mark_dirty(disk, offset, length, self._gen)
 
     # -- publishing helpers (also used by the resync) -------------------------------------------
 
@@ -643,14 +623,33 @@ class VmTap:
         marker_id: int = 0,
     ) -> int:
         """Appends one record with the next sequence number; returns that number."""
+        seq = self._append(session, kind, disk, offset, length, data, marker, marker_id)
+        if session.buffered_bytes > self._buffer_max:
+            self._overflow(session)
+        return seq
+
+    def _append(
+        self,
+        session: PublishSession,
+        kind: RecordKind,
+        disk: int,
+        offset: int,
+        length: int,
+        data: bytes | memoryview = b"",
+        marker: MarkerKind | None = None,
+        marker_id: int = 0,
+        *,
+        gen: int = 0,
+    ) -> int:
+        """Numbers one record and appends it to the session (the guest's own single-record
+        writes do the same inline, on the hot path)."""
         seq = self._next_seq
         self._next_seq = seq + 1
         session.append(
             _record(kind, seq, disk, offset, length, data, marker, marker_id),
             RECORD_HEADER_SIZE + len(data),
+            gen,
         )
-        if session.buffered_bytes > self._buffer_max:
-            self._overflow(session)
         return seq
 
     def _heartbeat(self) -> None:
