@@ -43,6 +43,11 @@ def plan_topic_specs(vms: Iterable[ProtectedVM]) -> list[TopicSpec]:
     return specs + site_topic_specs(replication_factor=replication)
 
 
+def plan_topic_spec(vms: Iterable[ProtectedVM], name: str) -> TopicSpec:
+    """The spec of one of the plan's topics (a per-VM or a site-wide one)."""
+    return next(spec for spec in plan_topic_specs(vms) if spec.name == name)
+
+
 async def ensure_plan_topics(
     cluster: KafkaClusterSettings,
     vms: Iterable[ProtectedVM],

@@ -20,7 +20,7 @@ from datapath.kafka import (
     UnknownTopic,
     retrying,
 )
-from datapath.topics import Stream, TopicSpec, site_topic_specs, topic_name
+from datapath.topics import Stream, TopicSpec, topic_name
 from services.applier.journal_source import JournalMessage
 
 log = logging.getLogger(__name__)
@@ -141,25 +141,20 @@ class KafkaStatusSink:
         cluster: KafkaClusterSettings,
         *,
         metrics: KafkaMetrics,
-        create_replication_factor: int | None = None,
+        create: TopicSpec | None = None,
     ) -> None:
-        """create_replication_factor: create the status topic with it when missing
-        (None: never create it)."""
+        """create: the status topic's spec, to create it when missing (None: never)."""
         self.cluster = cluster
         self.metrics = metrics
         self.topic = topic_name(Stream.STATUS)
-        self.create_replication_factor = create_replication_factor
+        self.create = create
         self._producer: Producer | None = None
         self._lock = asyncio.Lock()
 
     async def _started(self) -> Producer:
         async with self._lock:
             if self._producer is None:
-                spec = None
-                if self.create_replication_factor is not None:
-                    specs = site_topic_specs(replication_factor=self.create_replication_factor)
-                    spec = next(s for s in specs if s.name == self.topic)
-                await ensure_topic(self.cluster, self.topic, spec)
+                await ensure_topic(self.cluster, self.topic, self.create)
                 producer = Producer(self.cluster, linger_ms=0)
                 await producer.start()
                 self._producer = producer

@@ -10,7 +10,8 @@ from prometheus_client import CollectorRegistry
 
 from datapath.kafka import KafkaMetrics
 from datapath.protection import ProtectedVM, ProtectionPlan, load_protection_plan
-from datapath.topics import Stream, TopicSpec, topic_name, vm_topic_specs
+from datapath.provisioning import plan_topic_spec
+from datapath.topics import Stream, TopicSpec, topic_name
 from services.applier.kafka_source import KafkaJournalSource, KafkaStatusSink
 from services.applier.metrics import ApplierMetrics
 from services.applier.settings import ApplierSettings
@@ -56,28 +57,17 @@ class ApplierWorker:
         )
 
     def _journal_spec(self, vm: ProtectedVM, topic: str) -> TopicSpec | None:
-        if not self.settings.create_topics:
-            return None
-        journal = vm.journal
-        specs = vm_topic_specs(
-            vm.id,
-            replication_factor=journal.replication_factor,
-            retention_ms=journal.retention_ms,
-            max_message_bytes=journal.max_message_bytes,
-        )
-        return next(spec for spec in specs if spec.name == topic)
+        return plan_topic_spec([vm], topic) if self.settings.create_topics else None
 
     def _status_sink(self, plan: ProtectionPlan) -> KafkaStatusSink | None:
         site = self.settings.status_site
         if site == "none":
             return None
         cluster = plan.sites.target.kafka if site == "target" else plan.sites.source.kafka
-        replication = max((vm.journal.replication_factor for vm in plan.vms), default=1)
-        return KafkaStatusSink(
-            cluster,
-            metrics=self.kafka_metrics,
-            create_replication_factor=replication if self.settings.create_topics else None,
-        )
+        create = None
+        if self.settings.create_topics:
+            create = plan_topic_spec(plan.vms, topic_name(Stream.STATUS))
+        return KafkaStatusSink(cluster, metrics=self.kafka_metrics, create=create)
 
     async def _supervise(self, applier: VmApplier) -> None:
         """Runs a VM's loop; after an error, restarts it from the durable state (which
