@@ -18,7 +18,7 @@ from aiokafka.structs import TopicPartition
 
 from datapath.journal import Batch, BatchAssembler, MarkerKind, Record, RecordKind, encode_frame
 from datapath.kafka import Admin, Consumer, KafkaClusterSettings, Producer
-from datapath.localsite import free_loopback_ports
+from datapath.localsite import LOG_TAIL_LINES, free_loopback_ports, log_tail
 from datapath.protection import (
     Disk,
     ProtectedVM,
@@ -290,8 +290,5 @@ class ServiceProcess:
                 await asyncio.sleep(0.2)
         raise AssertionError(f"{self.name} not ready after {timeout_s}s:\n{self.log_tail()}")
 
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return "(no log)"
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        return log_tail(self.log_path, lines=lines)

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 
 from datapath.kafka import KafkaClusterSettings
-from datapath.localsite import free_loopback_ports
+from datapath.localsite import LOG_TAIL_LINES, free_loopback_ports, log_tail
 from datapath.protection import (
     Disk,
     Journal,
@@ -262,8 +262,5 @@ class TapProcess:
             self.proc.kill()
             await self.proc.wait()
 
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return "(no log)"
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        return log_tail(self.log_path, lines=lines)

@@ -279,10 +279,10 @@ class JournalWriter:
         await self.send_raw(messages)
 
     async def send_raw(self, messages: Sequence[bytes]) -> None:
+        # The commit raises if any record failed: no delivery needs awaiting.
         async with self.producer.transaction():
-            deliveries = [await self.producer.send(self.topic, m) for m in messages]
-        for delivery in deliveries:
-            await delivery
+            for message in messages:
+                await self.producer.send(self.topic, message)
 
 
 def applier_settings(plan: Path, state_dir: Path, **overrides: Any) -> ApplierSettings:

@@ -17,6 +17,7 @@ from aiokafka.structs import TopicPartition
 
 from datapath.journal import JournalError, peek_frame_header
 from datapath.kafka import (
+    REQUEST_SLACK,
     Admin,
     Consumer,
     KafkaClusterSettings,
@@ -79,10 +80,10 @@ class TapTopic:
         self.topic = topic_name(Stream.TAP, vm.id)
         self._create = create
         self._timeout_ms = int(request_timeout_s * 1000)
-        self._max_request_size = max_request_size or vm.journal.max_message_bytes + 64 * 1024
+        self._max_request_size = max_request_size or vm.journal.max_message_bytes + REQUEST_SLACK
         # The producer packs several frames into one record batch, and the topic's
         # max.message.bytes bounds the whole batch: leave room for the batch's own header.
-        self._max_batch_size = vm.journal.max_message_bytes - 64 * 1024
+        self._max_batch_size = vm.journal.max_message_bytes - REQUEST_SLACK
         self._topic_ready = False
 
     async def ensure_topic(self) -> None:

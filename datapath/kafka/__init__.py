@@ -22,10 +22,11 @@ from datapath.kafka.errors import (
     retrying,
     translate,
 )
-from datapath.kafka.producer import Delivery, Producer, TransactionalProducer
+from datapath.kafka.producer import REQUEST_SLACK, Delivery, Producer, TransactionalProducer
 from datapath.kafka.settings import KafkaClusterSettings
 
 __all__ = [
+    "REQUEST_SLACK",
     "Admin",
     "Consumer",
     "Delivery",

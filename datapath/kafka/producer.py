@@ -43,8 +43,11 @@ _driver_log = logging.getLogger("librdkafka")
 
 Compression = Literal["gzip", "snappy", "lz4", "zstd"]
 
+# What a produce request needs beyond its records (the record batch's and the request's
+# own headers): a producer's max request size is the topic's max.message.bytes plus this.
+REQUEST_SLACK = 64 * 1024
 # Large enough for a journal batch of several MiB; topics cap it with max.message.bytes.
-DEFAULT_MAX_REQUEST_SIZE = 8 * 1024 * 1024 + 64 * 1024
+DEFAULT_MAX_REQUEST_SIZE = 8 * 1024 * 1024 + REQUEST_SLACK
 # How long the delivery-report thread waits for reports at a time (also its stop latency).
 _POLL_S = 0.05
 # A full local queue: how long send() waits for deliveries before trying again.

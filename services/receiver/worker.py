@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import socket
@@ -38,6 +39,7 @@ from datapath.journal import (
     peek_header,
 )
 from datapath.kafka import (
+    REQUEST_SLACK,
     Consumer,
     KafkaClusterSettings,
     KafkaError,
@@ -62,7 +64,6 @@ log = logging.getLogger(__name__)
 
 # Room left in a Kafka message for the record framing around a batch chunk.
 _MESSAGE_OVERHEAD = 4096
-_PRODUCER_REQUEST_SLACK = 64 * 1024
 _STOP_GRACE_S = 10.0
 
 
@@ -297,7 +298,7 @@ class Receiver:
             self._source_cluster(),
             transactional_id=f"{self.settings.transactional_id_prefix}.{vm.id}",
             transaction_timeout_ms=self.settings.transaction_timeout_ms,
-            max_request_size=vm.journal.max_message_bytes + _PRODUCER_REQUEST_SLACK,
+            max_request_size=vm.journal.max_message_bytes + REQUEST_SLACK,
             linger_ms=0,
         )
 
@@ -656,15 +657,4 @@ async def _settle(
 def _counters(batcher: VmBatcher | None) -> dict[str, int] | None:
     if batcher is None:
         return None
-    c = batcher.counters
-    return {
-        "messages": c.messages,
-        "stale_messages": c.stale_messages,
-        "records": c.records,
-        "data_bytes": c.data_bytes,
-        "duplicates_skipped": c.duplicates_skipped,
-        "gaps": c.gaps,
-        "regressions": c.regressions,
-        "quarantined": c.quarantined,
-        "batches_cut": c.batches_cut,
-    }
+    return dataclasses.asdict(batcher.counters)

@@ -25,6 +25,7 @@ from aiokafka.structs import TopicPartition
 
 from datapath.journal import ChunkHeader, JournalError, peek_header
 from datapath.kafka import (
+    REQUEST_SLACK,
     Consumer,
     KafkaClusterSettings,
     KafkaError,
@@ -47,7 +48,6 @@ from .throttle import TokenBucket
 
 log = logging.getLogger(__name__)
 
-_PRODUCER_REQUEST_SLACK = 64 * 1024
 _CLOSE_TIMEOUT_S = 10.0
 
 
@@ -163,7 +163,7 @@ class VmCopier:
                 self.target,
                 transactional_id=f"{self.settings.transactional_id_prefix}.{self.vm_id}",
                 transaction_timeout_ms=self.settings.transaction_timeout_ms,
-                max_request_size=self.max_message_bytes + _PRODUCER_REQUEST_SLACK,
+                max_request_size=self.max_message_bytes + REQUEST_SLACK,
                 linger_ms=0,
             )
             self._producer = producer
