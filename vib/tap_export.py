@@ -11,8 +11,8 @@ from collections.abc import Callable, Coroutine
 from functools import partial
 from typing import Any
 
-from vib.nbd import protocol as p
 from vib.nbd.export import Buffer
+from vib.nbd.storage_export import backend_block_status
 from vib.vm_tap import TapDisk, VmTap
 
 
@@ -63,8 +63,4 @@ class TapExport:
         return None
 
     async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
-        runs = []
-        for extent in self._backend.allocated_extents(offset, length):
-            flags = p.STATE_HOLE | p.STATE_ZERO if extent.zero else 0
-            runs.append((extent.length, flags))
-        return runs
+        return backend_block_status(self._backend, offset, length)

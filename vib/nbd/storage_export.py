@@ -80,8 +80,16 @@ class StorageExport:
         return None
 
     async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
-        extents = self._backend.allocated_extents(offset, length)
-        return [
-            (extent.length, _HOLE if extent.zero else 0)
-            for extent in itertools.islice(extents, _MAX_EXTENTS)
-        ]
+        return backend_block_status(self._backend, offset, length)
+
+
+def backend_block_status(
+    backend: StorageBackend, offset: int, length: int
+) -> list[tuple[int, int]]:
+    """NBD base:allocation runs (length, flags) of a storage backend's range, at most
+    _MAX_EXTENTS of them (the client asks again for the rest)."""
+    extents = backend.allocated_extents(offset, length)
+    return [
+        (extent.length, _HOLE if extent.zero else 0)
+        for extent in itertools.islice(extents, _MAX_EXTENTS)
+    ]
