@@ -779,24 +779,31 @@ class VmApplier:
         staged = self._bracket.nbytes if self._bracket is not None else 0
         return float(self._pending_bytes + staged)
 
-    def status(self) -> dict[str, Any]:
+    def _position(self) -> dict[str, Any]:
+        """The durable state's fields, as /status and the status reports show them."""
         state = self.state
-        bracket = self._bracket
         return {
             "vm_id": self.vm_id,
-            "phase": self.phase,
             "health": state.health.value,
             "reason": state.reason,
-            "paused": self.paused,
-            "pause_requested": self._pause_requested,
             # The target disks may hold a half-applied unit (until it is re-applied).
             "dirty": state.intent is not None,
             # 0 until something is applied (sequences start at 1).
             "applied_seq": state.applied_seq or 0,
             "applied_offset": state.applied_offset,
             "source_ts_ns": state.source_ts_ns,
-            "source_time": _iso(state.source_ts_ns),
             "epoch": state.epoch,
+        }
+
+    def status(self) -> dict[str, Any]:
+        state = self.state
+        bracket = self._bracket
+        return {
+            **self._position(),
+            "phase": self.phase,
+            "paused": self.paused,
+            "pause_requested": self._pause_requested,
+            "source_time": _iso(state.source_ts_ns),
             "rpo_seconds": round(self.rpo_seconds(), 3),
             "rpo_objective_seconds": self.vm.rpo_objective_s,
             "lag_messages": int(self._lag_messages()),
@@ -827,18 +834,10 @@ class VmApplier:
         sink = self.status_sink
         if sink is None:
             return
-        state = self.state
         report: dict[str, Any] = {
             "service": "applier",
             "event": event,
-            "vm_id": self.vm_id,
-            "health": state.health.value,
-            "reason": state.reason,
-            "applied_seq": state.applied_seq or 0,
-            "applied_offset": state.applied_offset,
-            "source_ts_ns": state.source_ts_ns,
-            "epoch": state.epoch,
-            "dirty": state.intent is not None,
+            **self._position(),
             "ts_ns": time.time_ns(),
             **fields,
         }

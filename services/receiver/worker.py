@@ -414,15 +414,13 @@ class Receiver:
                 fetched = await consumer.getmany(timeout_ms=poll_ms)
                 await self._step(fetched)
                 self._last_loop_error = None
-            except KafkaUnavailable as exc:
-                self._last_loop_error = str(exc)
-                self.metrics.errors.labels(kind="kafka").inc()
-                log.warning("source cluster unavailable: %s", exc)
-                await asyncio.sleep(self.settings.kafka_retry_backoff_s)
             except KafkaError as exc:
                 self._last_loop_error = str(exc)
                 self.metrics.errors.labels(kind="kafka").inc()
-                log.error("receiver loop error (continuing): %s", exc)
+                if isinstance(exc, KafkaUnavailable):
+                    log.warning("source cluster unavailable: %s", exc)
+                else:
+                    log.error("receiver loop error (continuing): %s", exc)
                 await asyncio.sleep(self.settings.kafka_retry_backoff_s)
 
     async def _step(self, fetched: dict[TopicPartition, list[Any]]) -> None:
