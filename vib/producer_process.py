@@ -68,8 +68,7 @@ class ProducerProcess:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.append(fut)
         writer = self._writer
-        writer.write(FRAME_LENGTH.pack(len(frame)))
-        writer.write(frame)
+        writer.writelines((FRAME_LENGTH.pack(len(frame)), frame))
         if writer.transport.get_write_buffer_size() > _HIGH_WATER:
             await writer.drain()
         return fut

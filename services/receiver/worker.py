@@ -430,12 +430,12 @@ class Receiver:
                 pipe = self._pipes.get(tp)
                 if pipe is None or pipe.batcher is None or pipe.fenced:
                     continue  # re-read from the committed offset once the pipe is open
-                labels = self.metrics.tap_messages.labels(vm=pipe.vm.id)
-                tap_bytes = self.metrics.tap_bytes.labels(vm=pipe.vm.id)
+                size = 0
                 for message in messages:
                     pipe.batcher.add_message(message.offset, message.value, now)
-                    labels.inc()
-                    tap_bytes.inc(len(message.value))
+                    size += len(message.value)
+                self.metrics.tap_messages.labels(vm=pipe.vm.id).inc(len(messages))
+                self.metrics.tap_bytes.labels(vm=pipe.vm.id).inc(size)
                 self._report_counters(pipe)
             await self._open_pipes(
                 [
