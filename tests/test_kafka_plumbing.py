@@ -427,3 +427,38 @@ async def test_a_newer_transactional_producer_fences_the_older_one(
             fetched = await consumer.getmany(tp, timeout_ms=5000)
             values += [record.value for record in fetched.get(tp, [])]
     assert values == [b"from the old one", b"from the new one"]
+
+
+async def test_a_refused_record_fails_its_transaction_without_being_awaited(
+    source_cluster: KafkaClusterSettings, vm_id: str
+) -> None:
+    spec = one_topic(vm_id, max_message_bytes=64 * KiB)
+    group = f"dm-test-{vm_id}"
+    source = TopicPartition(topic_name(Stream.TAP, vm_id), 0)
+    async with Admin(source_cluster) as admin:
+        await admin.create_topics([spec])
+    txn_id = f"dm-tx-refused-{vm_id}"
+    async with TransactionalProducer(
+        source_cluster, transactional_id=txn_id, max_request_size=MiB
+    ) as producer:
+        # The callers rely on this: the commit itself reports a record the broker refused.
+        with pytest.raises(KafkaError):
+            async with producer.transaction():
+                await producer.send(spec.name, b"fits", partition=0)
+                await producer.send(spec.name, b"x" * (200 * KiB), partition=0)
+                producer.send_offsets_to_transaction({source: 7}, group)
+    async with (
+        TransactionalProducer(source_cluster, transactional_id=txn_id) as producer,
+        producer.transaction(),
+    ):
+        await producer.send(spec.name, b"committed", partition=0)
+    tp = TopicPartition(spec.name, 0)
+    async with Consumer(source_cluster, group_id=group) as consumer:
+        assert await consumer.committed(source) is None
+        consumer.assign([tp])
+        end = (await consumer.end_offsets([tp]))[tp]
+        values: list[bytes] = []
+        while await consumer.position(tp) < end:
+            fetched = await consumer.getmany(tp, timeout_ms=5000)
+            values += [record.value for record in fetched.get(tp, [])]
+    assert values == [b"committed"]

@@ -52,6 +52,8 @@ DEFAULT_MAX_REQUEST_SIZE = 8 * 1024 * 1024 + REQUEST_SLACK
 _POLL_S = 0.05
 # A full local queue: how long send() waits for deliveries before trying again.
 _QUEUE_FULL_WAIT_S = 0.005
+# First retry of a refused transactional request (see TransactionalProducer).
+_TRANSACTION_RETRY_BACKOFF_MS = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,6 +356,12 @@ class TransactionalProducer(Producer):
             "transaction.timeout.ms": self.transaction_timeout_ms,
             # librdkafka wants every record settled within the transaction's lifetime.
             "message.timeout.ms": min(config["message.timeout.ms"], self.transaction_timeout_ms),
+            # A transaction begun right after the previous commit is refused
+            # (CONCURRENT_TRANSACTIONS) until the coordinator has written that one's
+            # markers, some 20-30 ms; librdkafka retries after this backoff, growing
+            # exponentially on repeated errors. Its 100 ms default made back-to-back
+            # transactions take 110 ms instead of 35 (as Java's client, retry sooner).
+            "retry.backoff.ms": _TRANSACTION_RETRY_BACKOFF_MS,
         }
 
     async def _on_start(self, producer: rdkafka.Producer) -> None:
@@ -402,15 +410,14 @@ class TransactionalProducer(Producer):
 
     async def _commit(self, producer: rdkafka.Producer) -> None:
         offsets, group = self._pending_offsets, self._pending_group
+        metadata = None
         if offsets and group is not None:
             metadata = await self._metadata_of(group)
-            await self._blocking(
-                producer.send_offsets_to_transaction,
-                [rdkafka.TopicPartition(tp.topic, tp.partition, o) for tp, o in offsets.items()],
-                metadata,
-                self.request_timeout_s,
-            )
-        await self._blocking(producer.commit_transaction, self.request_timeout_s)
+        # One trip off the event loop for both calls. The records sent in the block may
+        # still be in flight: the offsets travel meanwhile, and the commit waits for them.
+        await self._blocking(
+            _commit_transaction, producer, offsets, metadata, self.request_timeout_s
+        )
 
     async def _metadata_of(self, group_id: str) -> Any:
         """The group's metadata for TxnOffsetCommit: its id only, no generation or member
@@ -430,6 +437,21 @@ class TransactionalProducer(Producer):
             log.warning(
                 "aborting transaction %s after %r failed: %s", self.transactional_id, cause, exc
             )
+
+
+def _commit_transaction(
+    producer: rdkafka.Producer,
+    offsets: Mapping[TopicPartition, int] | None,
+    group_metadata: Any,
+    timeout_s: float,
+) -> None:
+    if offsets and group_metadata is not None:
+        producer.send_offsets_to_transaction(
+            [rdkafka.TopicPartition(tp.topic, tp.partition, o) for tp, o in offsets.items()],
+            group_metadata,
+            timeout_s,
+        )
+    producer.commit_transaction(timeout_s)
 
 
 def _group_metadata(cluster: KafkaClusterSettings, group_id: str) -> Any:

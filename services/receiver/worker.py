@@ -564,11 +564,12 @@ class Receiver:
         self, pipe: VmPipeline, outbox: Outbox, encoded: list[EncodedBatch]
     ) -> None:
         producer = pipe.producer
+        # The commit waits for every record sent here and fails if any failed: awaiting
+        # each delivery first would only keep the offsets from travelling meanwhile.
         async with producer.transaction():
-            deliveries = []
             for item in encoded:
                 for chunk in item.chunks:
-                    deliveries.append(await producer.send(pipe.batch_topic, chunk, partition=0))
+                    await producer.send(pipe.batch_topic, chunk, partition=0)
             for event in outbox.events:
                 for message in outgoing_for(
                     event,
@@ -577,16 +578,12 @@ class Receiver:
                     deadletter_topic=pipe.deadletter_topic,
                     status_topic=topic_name(Stream.STATUS),
                 ):
-                    deliveries.append(
-                        await producer.send(
-                            message.topic, message.value, message.key, headers=message.headers
-                        )
+                    await producer.send(
+                        message.topic, message.value, message.key, headers=message.headers
                     )
             producer.send_offsets_to_transaction(
                 {pipe.partition: outbox.commit_offset}, self.settings.group_id
             )
-            for delivery in deliveries:
-                await delivery
 
     def _report_counters(self, pipe: VmPipeline) -> None:
         assert pipe.batcher is not None

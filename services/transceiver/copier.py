@@ -323,28 +323,19 @@ class VmCopier:
     async def _transaction(self, messages: list[Any], progress: CopyProgress) -> None:
         producer = self._producer
         assert producer is not None
+        # The commit waits for every record sent here and fails if any failed.
         async with producer.transaction():
-            deliveries = []
             for message in messages:
-                deliveries.append(
-                    await producer.send(
-                        self.target_topic,
-                        message.value,
-                        message.key,
-                        partition=0,
-                        headers=list(message.headers) or None,
-                    )
-                )
-            deliveries.append(
                 await producer.send(
-                    self.offsets_partition.topic,
-                    encode_progress(progress),
-                    self.key,
+                    self.target_topic,
+                    message.value,
+                    message.key,
                     partition=0,
+                    headers=list(message.headers) or None,
                 )
+            await producer.send(
+                self.offsets_partition.topic, encode_progress(progress), self.key, partition=0
             )
-            for delivery in deliveries:
-                await delivery
 
     async def _refresh_lag(self, *, force: bool = False) -> None:
         now = time.monotonic()
