@@ -92,5 +92,15 @@ def given(**options: Any) -> dict[str, Any]:
 
 def run_app(app: FastAPI, host: str, port: int, *, log_level: str = "info") -> None:
     """Serves an app until SIGINT/SIGTERM (used by the `dmover <service>` commands)."""
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, loop="uvloop")
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        loop="uvloop",
+        http="httptools",
+        # Health checks, metric scrapes and status polls would fill the log at INFO, and
+        # formatting each line costs the event loop that also moves the data.
+        access_log=log_level.lower() == "debug",
+    )
     uvicorn.Server(config).run()
