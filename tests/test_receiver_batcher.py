@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from aiokafka.structs import TopicPartition
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,6 +21,8 @@ from services.receiver.batcher import (
     SequenceRegression,
     VmBatcher,
 )
+from services.receiver.settings import ReceiverSettings
+from services.receiver.worker import Receiver
 
 VM = "vm-a"
 
@@ -141,6 +149,37 @@ def test_the_interval_does_not_cut_inside_a_bracket() -> None:
     batcher.cut_due(now=100.0)
     assert batcher.take_outbox() is None
     assert batcher.commit_offset == 0, "nothing of the open bracket is committed"
+
+
+def test_the_cut_deadline_is_one_interval_after_the_first_pending_record() -> None:
+    batcher = VmBatcher(VM, start_offset=0, limits=BatcherLimits(interval_s=0.1))
+    assert batcher.cut_deadline is None, "nothing pending, nothing to wake up for"
+    batcher.add_message(0, encode_frame(VM, 1, [write(1)]), now=5.0)
+    batcher.add_message(1, encode_frame(VM, 1, [write(2)]), now=5.05)
+    assert batcher.cut_deadline == 5.1
+    batcher.cut_due(now=5.099)
+    assert not batcher.has_outbox
+    batcher.cut_due(now=5.1)
+    assert batcher.has_outbox and batcher.cut_deadline is None
+    batcher.add_message(2, encode_frame(VM, 1, [marker(3, MarkerKind.RESYNC_START, 2)]), 5.2)
+    assert batcher.cut_deadline is None, "an open bracket ends with its last record only"
+
+
+def test_the_receiver_wakes_up_when_a_batch_is_due_not_at_its_next_poll(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    receiver = Receiver(ReceiverSettings(plan=tmp_path / "plan.yaml", batch_interval_s=0.1))
+    batcher = VmBatcher(VM, start_offset=0, limits=BatcherLimits(interval_s=0.1))
+    receiver._pipes = {TopicPartition("dm.tap.vm-a", 0): SimpleNamespace(batcher=batcher)}  # type: ignore[dict-item]
+    monkeypatch.setattr(time, "monotonic", lambda: 10.0)
+    assert receiver._poll_timeout_ms(50) == 50, "nothing pending: the usual poll"
+    batcher.add_message(0, encode_frame(VM, 1, [write(1)]), now=9.93)
+    assert receiver._poll_timeout_ms(50) == 30, "woken when the batch is due"
+    batcher.cut_due(now=10.03)
+    assert receiver._poll_timeout_ms(50) == 5, "a cut batch waiting to be published"
+    batcher.take_outbox()
+    batcher.add_message(1, encode_frame(VM, 1, [write(2)]), now=9.0)
+    assert receiver._poll_timeout_ms(50) == 1, "overdue: at once"
 
 
 def test_a_sequence_gap_is_reported_and_never_spanned_by_a_batch() -> None:

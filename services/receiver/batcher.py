@@ -238,13 +238,18 @@ class VmBatcher:
             self._add_record(offset, rec, now)
         self._consumed_through = offset + 1
 
+    @property
+    def cut_deadline(self) -> float | None:
+        """When the pending batch's interval ends (None: nothing pending, or a resync
+        bracket is open and ends only with its last record)."""
+        if not self._pending or self.open_resync:
+            return None
+        return self._pending_since + self.limits.interval_s
+
     def cut_due(self, now: float) -> None:
         """Cuts the pending batch when its interval has passed (never inside a bracket)."""
-        if (
-            self._pending
-            and not self.open_resync
-            and now - self._pending_since >= self.limits.interval_s
-        ):
+        deadline = self.cut_deadline
+        if deadline is not None and now >= deadline:
             self._cut(complete=False)
 
     # -- output
@@ -258,6 +263,10 @@ class VmBatcher:
     def queued_bytes(self) -> int:
         """Raw guest bytes of the batches cut and waiting in the outbox."""
         return sum(batch.data_bytes for batch in self._outbox.batches)
+
+    @property
+    def has_outbox(self) -> bool:
+        return bool(self._outbox)
 
     @property
     def pending_records(self) -> int:

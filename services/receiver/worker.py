@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import math
 import socket
 import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
@@ -65,6 +66,8 @@ log = logging.getLogger(__name__)
 # Room left in a Kafka message for the record framing around a batch chunk.
 _MESSAGE_OVERHEAD = 4096
 _STOP_GRACE_S = 10.0
+# How often a cut batch waiting for the publication before it checks whether it may go.
+_WAITING_OUTBOX_POLL_MS = 5
 
 
 @dataclass(slots=True)
@@ -411,7 +414,7 @@ class Receiver:
         poll_ms = max(10, min(100, int(self.settings.batch_interval_s * 500)))
         while True:
             try:
-                fetched = await consumer.getmany(timeout_ms=poll_ms)
+                fetched = await consumer.getmany(timeout_ms=self._poll_timeout_ms(poll_ms))
                 await self._step(fetched)
                 self._last_loop_error = None
             except KafkaError as exc:
@@ -422,6 +425,23 @@ class Receiver:
                 else:
                     log.error("receiver loop error (continuing): %s", exc)
                 await asyncio.sleep(self.settings.kafka_retry_backoff_s)
+
+    def _poll_timeout_ms(self, poll_ms: int) -> int:
+        """How long the next fetch may wait: until the earliest batch is due to be cut (a
+        quiet tap topic must not make it late), shortly while a cut batch waits for the
+        publication before it, else ``poll_ms``."""
+        now = time.monotonic()
+        timeout = poll_ms
+        for pipe in self._pipes.values():
+            batcher = pipe.batcher
+            if batcher is None:
+                continue
+            if batcher.has_outbox:
+                timeout = min(timeout, _WAITING_OUTBOX_POLL_MS)
+            deadline = batcher.cut_deadline
+            if deadline is not None:
+                timeout = min(timeout, math.ceil((deadline - now) * 1000))
+        return max(1, timeout)
 
     async def _step(self, fetched: dict[TopicPartition, list[Any]]) -> None:
         async with self._lock:
