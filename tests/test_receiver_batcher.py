@@ -168,14 +168,15 @@ def test_the_cut_deadline_is_one_interval_after_the_first_pending_record() -> No
 def test_the_receiver_wakes_up_when_a_batch_is_due_not_at_its_next_poll(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    receiver = Receiver(ReceiverSettings(plan=tmp_path / "plan.yaml", batch_interval_s=0.1))
-    batcher = VmBatcher(VM, start_offset=0, limits=BatcherLimits(interval_s=0.1))
+    # Binary fractions: the deadlines below are exact, not rounded floats.
+    receiver = Receiver(ReceiverSettings(plan=tmp_path / "plan.yaml", batch_interval_s=0.125))
+    batcher = VmBatcher(VM, start_offset=0, limits=BatcherLimits(interval_s=0.125))
     receiver._pipes = {TopicPartition("dm.tap.vm-a", 0): SimpleNamespace(batcher=batcher)}  # type: ignore[dict-item]
     monkeypatch.setattr(time, "monotonic", lambda: 10.0)
     assert receiver._poll_timeout_ms(50) == 50, "nothing pending: the usual poll"
-    batcher.add_message(0, encode_frame(VM, 1, [write(1)]), now=9.93)
-    assert receiver._poll_timeout_ms(50) == 30, "woken when the batch is due"
-    batcher.cut_due(now=10.03)
+    batcher.add_message(0, encode_frame(VM, 1, [write(1)]), now=9.90625)
+    assert receiver._poll_timeout_ms(50) == 32, "woken when the batch is due (31.25 ms)"
+    batcher.cut_due(now=10.03125)
     assert receiver._poll_timeout_ms(50) == 5, "a cut batch waiting to be published"
     batcher.take_outbox()
     batcher.add_message(1, encode_frame(VM, 1, [write(2)]), now=9.0)

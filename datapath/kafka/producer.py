@@ -52,6 +52,8 @@ DEFAULT_MAX_REQUEST_SIZE = 8 * 1024 * 1024 + REQUEST_SLACK
 _POLL_S = 0.05
 # A full local queue: how long send() waits for deliveries before trying again.
 _QUEUE_FULL_WAIT_S = 0.005
+# Records failed because something else failed first (an abort, a fatal error).
+_PURGED = frozenset({rdkafka.KafkaError._PURGE_QUEUE, rdkafka.KafkaError._PURGE_INFLIGHT})
 # First retry of a refused transactional request (see TransactionalProducer).
 _TRANSACTION_RETRY_BACKOFF_MS = 10
 
@@ -148,6 +150,8 @@ class Producer(AsyncClient):
         if client_id is not None:
             self._config["client.id"] = client_id
         self._producer: rdkafka.Producer | None = None
+        # The first delivery that failed in the current transaction (librdkafka's error).
+        self._failed_delivery: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._poller: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -231,7 +235,10 @@ class Producer(AsyncClient):
     def _on_delivery(
         self, future: asyncio.Future[RecordMetadata], error: Any, message: Any
     ) -> None:
-        # Called on a librdkafka-serving thread.
+        # Called on a librdkafka-serving thread, before a commit waiting for this record
+        # returns.
+        if error is not None and self._failed_delivery is None and error.code() not in _PURGED:
+            self._failed_delivery = error
         loop = self._loop
         if loop is not None:
             # A report after the loop closed (its program is exiting) has no one to tell.
@@ -356,11 +363,12 @@ class TransactionalProducer(Producer):
             "transaction.timeout.ms": self.transaction_timeout_ms,
             # librdkafka wants every record settled within the transaction's lifetime.
             "message.timeout.ms": min(config["message.timeout.ms"], self.transaction_timeout_ms),
-            # A transaction begun right after the previous commit is refused
-            # (CONCURRENT_TRANSACTIONS) until the coordinator has written that one's
-            # markers, some 20-30 ms; librdkafka retries after this backoff, growing
-            # exponentially on repeated errors. Its 100 ms default made back-to-back
-            # transactions take 110 ms instead of 35 (as Java's client, retry sooner).
+            # The requests of a transaction begun right after the previous commit (the
+            # consumer offsets' AddOffsetsToTxn among them) are refused with
+            # CONCURRENT_TRANSACTIONS until the coordinator has written that one's
+            # markers, some 20-30 ms. librdkafka retries them after this backoff (growing
+            # on repeated errors, as for produce retries); with its 100 ms default,
+            # back-to-back transactions took 110 ms instead of 35.
             "retry.backoff.ms": _TRANSACTION_RETRY_BACKOFF_MS,
         }
 
@@ -397,6 +405,7 @@ class TransactionalProducer(Producer):
         except rdkafka.KafkaException as exc:
             raise translate(exc) from exc
         self._pending_offsets, self._pending_group = {}, None
+        self._failed_delivery = None
         try:
             yield self
             await self._commit(producer)
@@ -413,11 +422,46 @@ class TransactionalProducer(Producer):
         metadata = None
         if offsets and group is not None:
             metadata = await self._metadata_of(group)
-        # One trip off the event loop for both calls. The records sent in the block may
-        # still be in flight: the offsets travel meanwhile, and the commit waits for them.
-        await self._blocking(
-            _commit_transaction, producer, offsets, metadata, self.request_timeout_s
-        )
+        try:
+            await self._blocking(self._commit_blocking, producer, offsets, metadata)
+        except KafkaError as exc:
+            failed = self._failed_delivery
+            if failed is None or _driver_fatal(exc):
+                raise
+            # A record failed, so librdkafka refuses the commit ("N message(s) failed
+            # delivery", or an erroneous state for the offsets): the record's own error
+            # (too large, timed out...) says what happened and whether retrying helps.
+            raise translate(rdkafka.KafkaException(failed)) from exc
+
+    def _commit_blocking(
+        self,
+        producer: rdkafka.Producer,
+        offsets: Mapping[TopicPartition, int] | None,
+        group_metadata: Any,
+    ) -> None:
+        """The end of a transaction, in one trip off the event loop."""
+        timeout_s = self.request_timeout_s
+        if offsets and group_metadata is not None:
+            # Every record settled first: an offsets call made while a record fails was
+            # seen to block for its whole timeout, the transaction turning abortable
+            # under it. After a failed record only the commit runs, and reports it.
+            if producer.flush(timeout_s):
+                raise rdkafka.KafkaException(
+                    rdkafka.KafkaError(
+                        rdkafka.KafkaError._TIMED_OUT,
+                        f"records not acknowledged within {timeout_s:g}s of the commit",
+                    )
+                )
+            if self._failed_delivery is None:
+                producer.send_offsets_to_transaction(
+                    [
+                        rdkafka.TopicPartition(tp.topic, tp.partition, o)
+                        for tp, o in offsets.items()
+                    ],
+                    group_metadata,
+                    timeout_s,
+                )
+        producer.commit_transaction(timeout_s)
 
     async def _metadata_of(self, group_id: str) -> Any:
         """The group's metadata for TxnOffsetCommit: its id only, no generation or member
@@ -439,19 +483,10 @@ class TransactionalProducer(Producer):
             )
 
 
-def _commit_transaction(
-    producer: rdkafka.Producer,
-    offsets: Mapping[TopicPartition, int] | None,
-    group_metadata: Any,
-    timeout_s: float,
-) -> None:
-    if offsets and group_metadata is not None:
-        producer.send_offsets_to_transaction(
-            [rdkafka.TopicPartition(tp.topic, tp.partition, o) for tp, o in offsets.items()],
-            group_metadata,
-            timeout_s,
-        )
-    producer.commit_transaction(timeout_s)
+def _driver_fatal(exc: KafkaError) -> bool:
+    """The translated librdkafka error was fatal for its producer (fenced, say)."""
+    cause = exc.__cause__
+    return isinstance(cause, rdkafka.KafkaException) and bool(cause.args[0].fatal())
 
 
 def _group_metadata(cluster: KafkaClusterSettings, group_id: str) -> Any:

@@ -468,11 +468,13 @@ class VmApplier:
         )
         started = time.monotonic()
         applied = self._applied_state(intent, batches[-1].max_ts_ns, max(b.epoch for b in batches))
-        # One trip off the event loop for the three steps, in this order: under load each
-        # trip cost milliseconds of waiting for a core.
-        stats = await _blocking(
-            self._apply_durably, disks, self.state.with_changes(intent=intent), batches, applied
-        )
+        with_intent = self.state.with_changes(intent=intent)
+        # Shown while the unit is applied (its writes are missing on the target until it
+        # is done: the RPO counts from the last applied one); the disk has it before any
+        # write. One trip off the event loop for the three steps, in this order: under
+        # load each trip cost milliseconds of waiting for a core.
+        self._set_state(with_intent)
+        stats = await _blocking(self._apply_durably, disks, with_intent, batches, applied)
         self._set_state(applied)
         self._account(stats, batches, min(b.min_ts_ns for b in batches), started)
 

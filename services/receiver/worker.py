@@ -584,8 +584,8 @@ class Receiver:
         self, pipe: VmPipeline, outbox: Outbox, encoded: list[EncodedBatch]
     ) -> None:
         producer = pipe.producer
-        # The commit waits for every record sent here and fails if any failed: awaiting
-        # each delivery first would only keep the offsets from travelling meanwhile.
+        # The commit waits for every record sent here and fails, with that record's
+        # error, if any failed: no delivery needs awaiting here.
         async with producer.transaction():
             for item in encoded:
                 for chunk in item.chunks:
