@@ -104,16 +104,16 @@ _RD_FENCED = frozenset(
         _RD.TRANSACTION_COORDINATOR_FENCED,
     }
 )
-_RD_UNAVAILABLE = frozenset(
+# A record dropped by an abort or a fatal error (the session that held it ended): a
+# consequence of another error, not the cluster's fault.
+RD_PURGED = frozenset({_RD._PURGE_QUEUE, _RD._PURGE_INFLIGHT})
+_RD_UNAVAILABLE = RD_PURGED | frozenset(
     {
         _RD._MSG_TIMED_OUT,
         _RD._TIMED_OUT,
         _RD._TRANSPORT,
         _RD._ALL_BROKERS_DOWN,
         _RD._RESOLVE,
-        # Dropped by an abort (the session that held them ended): not the cluster's fault.
-        _RD._PURGE_QUEUE,
-        _RD._PURGE_INFLIGHT,
         _RD.REQUEST_TIMED_OUT,
         _RD.CONCURRENT_TRANSACTIONS,
         _RD.COORDINATOR_LOAD_IN_PROGRESS,

@@ -30,6 +30,7 @@ import confluent_kafka as rdkafka
 from aiokafka.structs import TopicPartition
 
 from datapath.kafka.errors import (
+    RD_PURGED,
     KafkaError,
     KafkaFatal,
     KafkaUnavailable,
@@ -52,8 +53,6 @@ DEFAULT_MAX_REQUEST_SIZE = 8 * 1024 * 1024 + REQUEST_SLACK
 _POLL_S = 0.05
 # A full local queue: how long send() waits for deliveries before trying again.
 _QUEUE_FULL_WAIT_S = 0.005
-# Records failed because something else failed first (an abort, a fatal error).
-_PURGED = frozenset({rdkafka.KafkaError._PURGE_QUEUE, rdkafka.KafkaError._PURGE_INFLIGHT})
 # First retry of a refused transactional request (see TransactionalProducer).
 _TRANSACTION_RETRY_BACKOFF_MS = 10
 
@@ -150,8 +149,6 @@ class Producer(AsyncClient):
         if client_id is not None:
             self._config["client.id"] = client_id
         self._producer: rdkafka.Producer | None = None
-        # The first delivery that failed in the current transaction (librdkafka's error).
-        self._failed_delivery: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._poller: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -235,10 +232,7 @@ class Producer(AsyncClient):
     def _on_delivery(
         self, future: asyncio.Future[RecordMetadata], error: Any, message: Any
     ) -> None:
-        # Called on a librdkafka-serving thread, before a commit waiting for this record
-        # returns.
-        if error is not None and self._failed_delivery is None and error.code() not in _PURGED:
-            self._failed_delivery = error
+        # Called on a librdkafka-serving thread.
         loop = self._loop
         if loop is not None:
             # A report after the loop closed (its program is exiting) has no one to tell.
@@ -354,6 +348,8 @@ class TransactionalProducer(Producer):
         self._pending_offsets: dict[TopicPartition, int] | None = None
         self._pending_group: str | None = None
         self._group_metadata: dict[str, Any] = {}
+        # The first record that failed in the current transaction (librdkafka's error).
+        self._failed_delivery: Any = None
 
     def _driver_config(self) -> dict[str, Any]:
         config = super()._driver_config()
@@ -371,6 +367,14 @@ class TransactionalProducer(Producer):
             # back-to-back transactions took 110 ms instead of 35.
             "retry.backoff.ms": _TRANSACTION_RETRY_BACKOFF_MS,
         }
+
+    def _on_delivery(
+        self, future: asyncio.Future[RecordMetadata], error: Any, message: Any
+    ) -> None:
+        # Runs before a commit waiting for this record returns (see _commit).
+        if error is not None and self._failed_delivery is None and error.code() not in RD_PURGED:
+            self._failed_delivery = error
+        super()._on_delivery(future, error, message)
 
     async def _on_start(self, producer: rdkafka.Producer) -> None:
         # InitProducerId: fences any other producer with this id and waits until its
@@ -445,13 +449,9 @@ class TransactionalProducer(Producer):
             # Every record settled first: an offsets call made while a record fails was
             # seen to block for its whole timeout, the transaction turning abortable
             # under it. After a failed record only the commit runs, and reports it.
-            if producer.flush(timeout_s):
-                raise rdkafka.KafkaException(
-                    rdkafka.KafkaError(
-                        rdkafka.KafkaError._TIMED_OUT,
-                        f"records not acknowledged within {timeout_s:g}s of the commit",
-                    )
-                )
+            left = producer.flush(timeout_s)
+            if left:
+                raise KafkaUnavailable(f"{left} records unacknowledged at the commit")
             if self._failed_delivery is None:
                 producer.send_offsets_to_transaction(
                     [
