@@ -22,7 +22,7 @@ from services.receiver.batcher import (
     VmBatcher,
 )
 from services.receiver.settings import ReceiverSettings
-from services.receiver.worker import Receiver
+from services.receiver.worker import _IDLE_POLL_MS, Receiver
 
 VM = "vm-a"
 
@@ -173,14 +173,14 @@ def test_the_receiver_wakes_up_when_a_batch_is_due_not_at_its_next_poll(
     batcher = VmBatcher(VM, start_offset=0, limits=BatcherLimits(interval_s=0.125))
     receiver._pipes = {TopicPartition("dm.tap.vm-a", 0): SimpleNamespace(batcher=batcher)}  # type: ignore[dict-item]
     monkeypatch.setattr(time, "monotonic", lambda: 10.0)
-    assert receiver._poll_timeout_ms(50) == 50, "nothing pending: the usual poll"
+    assert receiver._poll_timeout_ms() == _IDLE_POLL_MS, "nothing pending: the usual poll"
     batcher.add_message(0, encode_frame(VM, 1, [write(1)]), now=9.90625)
-    assert receiver._poll_timeout_ms(50) == 32, "woken when the batch is due (31.25 ms)"
+    assert receiver._poll_timeout_ms() == 32, "woken when the batch is due (31.25 ms)"
     batcher.cut_due(now=10.03125)
-    assert receiver._poll_timeout_ms(50) == 5, "a cut batch waiting to be published"
+    assert receiver._poll_timeout_ms() == 5, "a cut batch waiting to be published"
     batcher.take_outbox()
     batcher.add_message(1, encode_frame(VM, 1, [write(2)]), now=9.0)
-    assert receiver._poll_timeout_ms(50) == 1, "overdue: at once"
+    assert receiver._poll_timeout_ms() == 1, "overdue: at once"
 
 
 def test_a_sequence_gap_is_reported_and_never_spanned_by_a_batch() -> None:

@@ -68,6 +68,9 @@ _MESSAGE_OVERHEAD = 4096
 _STOP_GRACE_S = 10.0
 # How often a cut batch waiting for the publication before it checks whether it may go.
 _WAITING_OUTBOX_POLL_MS = 5
+# The loop's longest wait for tap messages (due batches wake it up sooner): how soon it
+# retries opening a VM or refreshes lag once nothing arrives.
+_IDLE_POLL_MS = 100
 
 
 @dataclass(slots=True)
@@ -411,10 +414,9 @@ class Receiver:
     async def _run(self) -> None:
         consumer = self._consumer
         assert consumer is not None
-        poll_ms = max(10, min(100, int(self.settings.batch_interval_s * 500)))
         while True:
             try:
-                fetched = await consumer.getmany(timeout_ms=self._poll_timeout_ms(poll_ms))
+                fetched = await consumer.getmany(timeout_ms=self._poll_timeout_ms())
                 await self._step(fetched)
                 self._last_loop_error = None
             except KafkaError as exc:
@@ -426,12 +428,12 @@ class Receiver:
                     log.error("receiver loop error (continuing): %s", exc)
                 await asyncio.sleep(self.settings.kafka_retry_backoff_s)
 
-    def _poll_timeout_ms(self, poll_ms: int) -> int:
+    def _poll_timeout_ms(self) -> int:
         """How long the next fetch may wait: until the earliest batch is due to be cut (a
         quiet tap topic must not make it late), shortly while a cut batch waits for the
-        publication before it, else ``poll_ms``."""
+        publication before it, else `_IDLE_POLL_MS`."""
         now = time.monotonic()
-        timeout = poll_ms
+        timeout = _IDLE_POLL_MS
         for pipe in self._pipes.values():
             batcher = pipe.batcher
             if batcher is None:
