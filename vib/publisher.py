@@ -38,8 +38,6 @@ class SessionFailed(Exception):
     """Why a session stopped publishing (the cause is chained)."""
 
 
-# Records whose region the target must see again if they are lost.
-
 Region = tuple[int, int, int]  # disk, offset, length
 
 

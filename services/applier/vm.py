@@ -669,13 +669,10 @@ class VmApplier:
             )
             return
         await _blocking(disks.flush, touched)
-        await self._commit(intent, last_ts, epoch)
+        await self._save(self._applied_state(intent, last_ts, epoch))
         self._account(total, [], first_ts or last_ts, started)
         if intent.resync_id or heals:
             self._report("resync-applied", resync_id=intent.resync_id)
-
-    async def _commit(self, intent: ApplyIntent, source_ts_ns: int, epoch: int) -> None:
-        await self._save(self._applied_state(intent, source_ts_ns, epoch))
 
     def _applied_state(self, intent: ApplyIntent, source_ts_ns: int, epoch: int) -> VmState:
         return self.state.with_changes(
