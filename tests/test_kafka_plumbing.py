@@ -16,6 +16,7 @@ from pydantic import SecretStr, ValidationError
 from replication_helpers import read_topic
 
 from datapath.kafka import (
+    MAX_UNACKED_RECORDS,
     Admin,
     Consumer,
     KafkaClusterSettings,
@@ -378,6 +379,60 @@ async def test_oversized_records_raise_message_too_large(
         consumer.seek(tp, metadata.offset)
         fetched = await consumer.getmany(tp, timeout_ms=5000)
         assert [record.value for record in fetched[tp]] == [b"fits"]
+
+
+async def test_a_producer_keeps_few_records_unacknowledged_and_loses_none(
+    source_cluster: KafkaClusterSettings, vm_id: str
+) -> None:
+    # More would make librdkafka's broker thread busy-poll (see MAX_UNACKED_RECORDS).
+    spec = one_topic(vm_id)
+    async with Admin(source_cluster) as admin:
+        await admin.create_topics([spec])
+    values = [bytes([i]) * (64 * KiB) for i in range(40)]
+    most = 0
+    async with Producer(source_cluster, linger_ms=0) as producer:
+        deliveries = []
+        for value in values:
+            deliveries.append(await producer.send(spec.name, value, partition=0))
+            most = max(most, producer.unacked_records)
+        offsets = [(await delivery).offset for delivery in deliveries]
+        assert producer.unacked_records == 0
+    # Sends outpace acknowledgements on any machine: the bound is reached, never passed.
+    assert most == MAX_UNACKED_RECORDS, f"at most {most} records were unacknowledged"
+    assert offsets == sorted(offsets)
+    assert await read_topic(source_cluster, spec.name) == values
+
+
+async def test_a_send_waiting_for_room_fails_when_the_producer_is_aborted(
+    source_cluster: KafkaClusterSettings, vm_id: str
+) -> None:
+    spec = one_topic(vm_id)
+    async with Admin(source_cluster) as admin:
+        await admin.create_topics([spec])
+
+    class Unanswered:
+        """librdkafka, but the records it takes are never acknowledged."""
+
+        def __init__(self, driver: rdkafka.Producer) -> None:
+            self._driver = driver
+
+        def produce(self, *args: object, **kwargs: object) -> None:
+            pass
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._driver, name)
+
+    producer = Producer(source_cluster)
+    await producer.start()
+    producer._producer = Unanswered(producer.driver)  # type: ignore[assignment]
+    for _ in range(MAX_UNACKED_RECORDS):
+        await producer.send(spec.name, b"queued", partition=0)
+    waiting = asyncio.create_task(producer.send(spec.name, b"waits for room", partition=0))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    await producer.abort()
+    with pytest.raises(KafkaFatal, match="not started"):
+        await asyncio.wait_for(waiting, 5)
 
 
 async def test_zstd_compressed_records_round_trip(

@@ -22,10 +22,17 @@ from datapath.kafka.errors import (
     retrying,
     translate,
 )
-from datapath.kafka.producer import REQUEST_SLACK, Delivery, Producer, TransactionalProducer
+from datapath.kafka.producer import (
+    MAX_UNACKED_RECORDS,
+    REQUEST_SLACK,
+    Delivery,
+    Producer,
+    TransactionalProducer,
+)
 from datapath.kafka.settings import KafkaClusterSettings
 
 __all__ = [
+    "MAX_UNACKED_RECORDS",
     "REQUEST_SLACK",
     "Admin",
     "Consumer",

@@ -55,6 +55,14 @@ _POLL_S = 0.05
 _QUEUE_FULL_WAIT_S = 0.005
 # First retry of a refused transactional request (see TransactionalProducer).
 _TRANSACTION_RETRY_BACKOFF_MS = 10
+# Records handed to librdkafka and not yet settled, at most. An idempotent librdkafka
+# producer counts a partition's records in flight against its limit of five requests in
+# flight, and while that holds records back its broker thread busy-polls instead of
+# waiting for the responses (librdkafka's rd_kafka_toppar_producer_serve computes the
+# wake-up before it checks the limit). Measured with records of 300 KiB on a loopback
+# broker: 160 poll calls per record and 0.9 of a core for that thread, against 0.15 with
+# at most four unacknowledged, at the same or a higher rate.
+MAX_UNACKED_RECORDS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +160,8 @@ class Producer(AsyncClient):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._poller: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._unacked = 0
+        self._room_waiters: list[asyncio.Future[None]] = []
 
     def _driver_config(self) -> dict[str, Any]:
         return self._config
@@ -218,6 +228,9 @@ class Producer(AsyncClient):
         # Purging fails what is left (their futures settle); librdkafka's teardown may
         # wait for its threads: both off the event loop.
         await asyncio.to_thread(_tear_down, producer, poller)
+        for waiter in self._room_waiters:  # senders waiting for room learn it is stopped
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _serve_reports(self, producer: rdkafka.Producer) -> None:
         while not self._stopping.is_set():
@@ -256,12 +269,15 @@ class Producer(AsyncClient):
     ) -> Delivery:
         """Queue one record and return its pending acknowledgement (await it later).
 
-        Waits only while the local queue is full. The delivery fails with
-        :class:`UnknownTopic` when the topic does not exist; :class:`MessageTooLarge` is
-        raised here when the record exceeds ``max_request_size``, and by the delivery when
-        the topic refuses it.
+        Waits while MAX_UNACKED_RECORDS records are unacknowledged, or the local queue is
+        full. The delivery fails with :class:`UnknownTopic` when the topic does not exist;
+        :class:`MessageTooLarge` is raised here when the record exceeds
+        ``max_request_size``, and by the delivery when the topic refuses it.
         """
         producer = self.driver
+        while self._unacked >= MAX_UNACKED_RECORDS:
+            await self._wait_for_room()
+            producer = self.driver  # raises if the producer was stopped meanwhile
         assert self._loop is not None
         future: asyncio.Future[RecordMetadata] = self._loop.create_future()
         if self._commit_reports_failures:
@@ -274,11 +290,37 @@ class Producer(AsyncClient):
         while True:
             try:
                 producer.produce(topic, value, key, **options)
-                return Delivery(future)
             except BufferError:
                 await asyncio.sleep(_QUEUE_FULL_WAIT_S)
+                continue
             except rdkafka.KafkaException as exc:
                 raise translate(exc) from exc
+            self._unacked += 1
+            future.add_done_callback(self._record_settled)
+            return Delivery(future)
+
+    @property
+    def unacked_records(self) -> int:
+        """Records sent and not settled yet (acknowledged or failed)."""
+        return self._unacked
+
+    async def _wait_for_room(self) -> None:
+        assert self._loop is not None
+        waiter = self._loop.create_future()
+        self._room_waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            with contextlib.suppress(ValueError):
+                self._room_waiters.remove(waiter)
+
+    def _record_settled(self, _: asyncio.Future[RecordMetadata]) -> None:
+        self._unacked -= 1
+        # One waiter per settled record; a woken sender checks the count again.
+        for waiter in self._room_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     async def send_and_wait(
         self,
