@@ -19,6 +19,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from datapath.malloc_tuning import tune_malloc
+
 log = logging.getLogger(__name__)
 
 
@@ -91,7 +93,11 @@ def given(**options: Any) -> dict[str, Any]:
 
 
 def run_app(app: FastAPI, host: str, port: int, *, log_level: str = "info") -> None:
-    """Serves an app until SIGINT/SIGTERM (used by the `dmover <service>` commands)."""
+    """Serves an app until SIGINT/SIGTERM (used by the `dmover <service>` commands).
+
+    Every service moves megabytes per batch: its large buffers come from a heap that
+    keeps freed memory (see datapath.malloc_tuning)."""
+    tune_malloc()
     config = uvicorn.Config(
         app,
         host=host,

@@ -9,7 +9,6 @@ from typing import Annotated
 import typer
 
 from datapath.service import configure_logging, given, run_app
-from vib.malloc_tuning import tune_malloc
 from vib.service import create_app
 from vib.settings import TapSettings
 
@@ -43,7 +42,6 @@ def tap_command(
         nbd_port=nbd_port,
         **given(nbd_unix_socket=nbd_socket, state_dir=state_dir),
     )
-    tune_malloc()
     log.info("tap settings: %s", settings.model_dump_json())
     run_app(
         create_app(settings), settings.http_host, settings.http_port, log_level=log_level.lower()

@@ -28,8 +28,8 @@ import uvloop
 
 from datapath.journal import JournalError
 from datapath.kafka import KafkaClusterSettings, KafkaError, KafkaFatal
+from datapath.malloc_tuning import tune_malloc
 from datapath.protection import ProtectedVM
-from vib.malloc_tuning import tune_malloc
 from vib.producer_process import FRAME_LENGTH
 from vib.tap_topic import TapTopic, TopicSession
 
