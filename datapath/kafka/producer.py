@@ -250,7 +250,7 @@ class Producer(AsyncClient):
         if loop is not None:
             # A report after the loop closed (its program is exiting) has no one to tell.
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_settle, future, error, message)
+                loop.call_soon_threadsafe(self._record_settled, future, error, message)
 
     async def _blocking(self, call: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -296,7 +296,6 @@ class Producer(AsyncClient):
             except rdkafka.KafkaException as exc:
                 raise translate(exc) from exc
             self._unacked += 1
-            future.add_done_callback(self._record_settled)
             return Delivery(future)
 
     @property
@@ -314,7 +313,11 @@ class Producer(AsyncClient):
             with contextlib.suppress(ValueError):
                 self._room_waiters.remove(waiter)
 
-    def _record_settled(self, _: asyncio.Future[RecordMetadata]) -> None:
+    def _record_settled(
+        self, future: asyncio.Future[RecordMetadata], error: Any, message: Any
+    ) -> None:
+        """On the event loop: librdkafka is done with a record (delivered or failed)."""
+        _settle(future, error, message)
         self._unacked -= 1
         # One waiter per settled record; a woken sender checks the count again.
         for waiter in self._room_waiters:
