@@ -33,7 +33,9 @@ from datapath.kafka.errors import (
     RD_PURGED,
     KafkaError,
     KafkaFatal,
+    KafkaMetrics,
     KafkaUnavailable,
+    retrying,
     translate,
 )
 from datapath.kafka.lifecycle import AsyncClient
@@ -55,6 +57,11 @@ _POLL_S = 0.05
 _QUEUE_FULL_WAIT_S = 0.005
 # First retry of a refused transactional request (see TransactionalProducer).
 _TRANSACTION_RETRY_BACKOFF_MS = 10
+# Waiting for a consumer group's coordinator (see _group_metadata): some 7 s in all, longer
+# than a fresh cluster takes to create its offsets topic.
+_COORDINATOR_ATTEMPTS = 10
+_COORDINATOR_BACKOFF_S = 0.1
+_COORDINATOR_MAX_BACKOFF_S = 1.0
 # Records handed to librdkafka and not yet settled, at most. An idempotent librdkafka
 # producer counts a partition's records in flight against its limit of five requests in
 # flight, and while that holds records back its broker thread busy-polls instead of
@@ -385,10 +392,13 @@ class TransactionalProducer(Producer):
         *,
         transactional_id: str,
         transaction_timeout_ms: int = 60_000,
+        metrics: KafkaMetrics | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(cluster, **kwargs)
         self.transactional_id = transactional_id
+        # Counts the retries of the group coordinator's lookup (unregistered if not given).
+        self.metrics = metrics if metrics is not None else KafkaMetrics(registry=None)
         self.transaction_timeout_ms = transaction_timeout_ms
         self._pending_offsets: dict[TopicPartition, int] | None = None
         self._pending_group: str | None = None
@@ -470,7 +480,7 @@ class TransactionalProducer(Producer):
         offsets, group = self._pending_offsets, self._pending_group
         metadata = None
         if offsets and group is not None:
-            metadata = await self._metadata_of(group)
+            metadata = await self._metadata_of(group, next(iter(offsets)))
         try:
             await self._blocking(self._commit_blocking, producer, offsets, metadata)
         except KafkaError as exc:
@@ -508,12 +518,26 @@ class TransactionalProducer(Producer):
                 )
         producer.commit_transaction(timeout_s)
 
-    async def _metadata_of(self, group_id: str) -> Any:
+    async def _metadata_of(self, group_id: str, partition: TopicPartition) -> Any:
         """The group's metadata for TxnOffsetCommit: its id only, no generation or member
         (the offsets of a VM are fenced by the VM's transactional id; see the receiver)."""
         metadata = self._group_metadata.get(group_id)
         if metadata is None:
-            metadata = await self._blocking(_group_metadata, self.cluster, group_id)
+            metadata = await retrying(
+                functools.partial(
+                    self._blocking,
+                    _group_metadata,
+                    self.cluster,
+                    group_id,
+                    partition,
+                    self.request_timeout_s,
+                ),
+                what="find_group_coordinator",
+                attempts=_COORDINATOR_ATTEMPTS,
+                backoff=_COORDINATOR_BACKOFF_S,
+                max_backoff=_COORDINATOR_MAX_BACKOFF_S,
+                metrics=self.metrics,
+            )
             self._group_metadata[group_id] = metadata
         return metadata
 
@@ -534,11 +558,26 @@ def _driver_fatal(exc: KafkaError) -> bool:
     return isinstance(cause, rdkafka.KafkaException) and bool(cause.args[0].fatal())
 
 
-def _group_metadata(cluster: KafkaClusterSettings, group_id: str) -> Any:
+def _group_metadata(
+    cluster: KafkaClusterSettings, group_id: str, partition: TopicPartition, timeout_s: float
+) -> Any:
+    """The group's metadata, once the cluster has a coordinator for the group.
+
+    librdkafka's send_offsets_to_transaction looks the group's coordinator up with a few
+    quick retries, and when they are used up it neither fails nor honours its timeout: it
+    hangs (librdkafka issues 5456 and 5511). A cluster has no coordinator until its
+    offsets topic exists, which its first group creates: on a fresh cluster that took
+    longer than those retries. So the group's committed offsets are read first (once per
+    group and producer): that fails with a transient error (NOT_COORDINATOR,
+    COORDINATOR_NOT_AVAILABLE) until the coordinator is there, and the caller retries.
+    """
     consumer = rdkafka.Consumer(
         {**cluster.rdkafka_config(), "group.id": group_id, "logger": _driver_log}
     )
     try:
+        consumer.committed(
+            [rdkafka.TopicPartition(partition.topic, partition.partition)], timeout=timeout_s
+        )
         return consumer.consumer_group_metadata()
     finally:
         consumer.close()

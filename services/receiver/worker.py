@@ -304,6 +304,7 @@ class Receiver:
             self._source_cluster(),
             transactional_id=f"{self.settings.transactional_id_prefix}.{vm.id}",
             transaction_timeout_ms=self.settings.transaction_timeout_ms,
+            metrics=self.kafka_metrics,
             max_request_size=vm.journal.max_message_bytes + REQUEST_SLACK,
             linger_ms=0,
         )

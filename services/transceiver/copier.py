@@ -29,6 +29,7 @@ from datapath.kafka import (
     Consumer,
     KafkaClusterSettings,
     KafkaError,
+    KafkaMetrics,
     ProducerFenced,
     TransactionalProducer,
     within,
@@ -63,6 +64,7 @@ class VmCopier:
         target: KafkaClusterSettings,
         max_message_bytes: int,
         metrics: TransceiverMetrics,
+        kafka_metrics: KafkaMetrics,
         throttle: TokenBucket | None,
     ) -> None:
         self.vm_id = vm_id
@@ -71,6 +73,7 @@ class VmCopier:
         self.target = target
         self.max_message_bytes = max_message_bytes
         self.metrics = metrics
+        self.kafka_metrics = kafka_metrics
         self.throttle = throttle
         self.source_partition = TopicPartition(topic_name(Stream.BATCH, vm_id), 0)
         self.target_topic = topic_name(Stream.BATCH, vm_id)
@@ -163,6 +166,7 @@ class VmCopier:
                 self.target,
                 transactional_id=f"{self.settings.transactional_id_prefix}.{self.vm_id}",
                 transaction_timeout_ms=self.settings.transaction_timeout_ms,
+                metrics=self.kafka_metrics,
                 max_request_size=self.max_message_bytes + REQUEST_SLACK,
                 linger_ms=0,
             )

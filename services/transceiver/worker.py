@@ -58,6 +58,7 @@ class Transceiver:
                 target=target,
                 max_message_bytes=vm.journal.max_message_bytes,
                 metrics=self.metrics,
+                kafka_metrics=self.kafka_metrics,
                 throttle=self.throttle,
             )
             self._copiers[vm.id] = copier
