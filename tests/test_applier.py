@@ -638,7 +638,7 @@ def test_state_survives_a_reload(tmp_path: Path) -> None:
     store.save(saved)
     assert store.load("vm-a") == saved
     assert not list(tmp_path.glob("*.tmp"))
-    os.rename(store.path("vm-a"), tmp_path / "vm-b.json")
+    os.rename(store.path("vm-a"), store.path("vm-b"))
     from services.applier.state import StateFileError
 
     with pytest.raises(StateFileError, match="belongs to VM 'vm-a'"):

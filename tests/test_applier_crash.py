@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import random
 import signal
@@ -22,6 +21,7 @@ from test_applier_support import JournalWriter, SourceVm, file_targets
 from datapath.integrity import consistent_prefixes, holds_prefix
 from datapath.kafka import KafkaClusterSettings
 from datapath.localsite import REPO_ROOT, free_loopback_ports
+from services.applier.state import StateStore
 
 MIB = 1024 * 1024
 KILLS = 20
@@ -89,11 +89,8 @@ class ApplierProcess:
             self.process.wait(timeout=30)
 
 
-def intent_on_disk(state_file: Path) -> bool:
-    try:
-        return json.loads(state_file.read_text())["intent"] is not None
-    except (FileNotFoundError, json.JSONDecodeError):
-        return False
+def intent_on_disk(state_dir: Path, vm_id: str) -> bool:
+    return StateStore(state_dir).load(vm_id).intent is not None
 
 
 async def produce(
@@ -143,7 +140,6 @@ async def test_sigkilled_applier_keeps_the_target_a_prefix_of_the_source(
     sizes = [4 * MIB, 4 * MIB]
     disks, plan = await file_targets(tmp_path, source_cluster, target_cluster, vm_id, sizes)
     state_dir = tmp_path / "state"
-    state_file = state_dir / f"{vm_id}.json"
     vm = SourceVm(vm_id, sizes, seed=99, max_blocks=8)
     rng = random.Random(2024)
     applier = ApplierProcess(plan, state_dir, tmp_path / "applier.log")
@@ -165,11 +161,11 @@ async def test_sigkilled_applier_keeps_the_target_a_prefix_of_the_source(
                 else:
                     # Aim at the middle of a unit: kill as soon as an intent is durable.
                     for _ in range(1500):
-                        if intent_on_disk(state_file):
+                        if intent_on_disk(state_dir, vm_id):
                             break
                         await asyncio.sleep(0.002)
                 applier.kill()
-                killed_mid_unit += intent_on_disk(state_file)
+                killed_mid_unit += intent_on_disk(state_dir, vm_id)
             stop.set()
             await producer
             await applier.start(client)

@@ -30,12 +30,13 @@ class ApplierWorker:
         self.vms: dict[str, VmApplier] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._sink: KafkaStatusSink | None = None
+        self._store: StateStore | None = None
         self._started = False
 
     async def start(self) -> None:
         settings = self.settings
         plan = await asyncio.to_thread(load_protection_plan, settings.plan)
-        store = StateStore(settings.state_dir)
+        store = self._store = StateStore(settings.state_dir)
         await asyncio.to_thread(store.prepare)
         self._sink = self._status_sink(plan)
         target = plan.sites.target.kafka
@@ -99,6 +100,8 @@ class ApplierWorker:
             await applier.close()
         if self._sink is not None:
             await self._sink.stop()
+        if self._store is not None:
+            self._store.close()  # no save is running: the loops have ended
         self._tasks.clear()
 
     def ready(self) -> bool:
