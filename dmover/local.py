@@ -200,6 +200,11 @@ class LocalDeployment:
         partial.replace(self.root / STATE_FILE)
         return self.endpoints
 
+    @property
+    def applier_state_dir(self) -> Path:
+        """Where the applier keeps its per-VM state files (services.applier.state)."""
+        return self.root / "state" / "applier"
+
     def _service_processes(
         self, nbd_port: int, nbd_socket: Path, http_ports: list[int]
     ) -> list[ServiceProcess]:
@@ -221,7 +226,7 @@ class LocalDeployment:
             ),
             ("receiver", []),
             ("transceiver", []),
-            ("applier", ["--state-dir", str(state / "applier")]),
+            ("applier", ["--state-dir", str(self.applier_state_dir)]),
         ]
         return [
             ServiceProcess(
