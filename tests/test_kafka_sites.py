@@ -16,7 +16,13 @@ import asyncpg
 import pytest
 from aiokafka.structs import TopicPartition
 
-from datapath.kafka import Admin, Consumer, KafkaClusterSettings, Producer, TransactionalProducer
+from datapath.kafka import (
+    Admin,
+    Consumer,
+    KafkaClusterSettings,
+    Producer,
+    TransactionalProducer,
+)
 from datapath.kafka.consumer import IsolationLevel
 from datapath.localpg import LocalPostgres
 from datapath.localsite import KafkaSite, SiteError
@@ -190,3 +196,30 @@ async def test_postgres_answers_select_1(postgres: LocalPostgres) -> None:
         assert await connection.fetchval("select 1") == 1
     finally:
         await connection.close()
+
+
+async def test_first_transactional_offsets_on_a_fresh_cluster_wait_for_its_coordinator(
+    tmp_path: Path,
+) -> None:
+    # A fresh cluster has no group coordinator until its offsets topic exists; librdkafka's
+    # own lookup in send_offsets_to_transaction gives up after quick retries and hangs.
+    # Without the producer's wait for the coordinator this hung in about one run of four.
+    site = KafkaSite.start("fresh", tmp_path)
+    try:
+        cluster = KafkaClusterSettings(bootstrap_servers=site.bootstrap)
+        topic = topic_name(Stream.BATCH, "fresh")
+        async with Admin(cluster) as admin:
+            await admin.create_topics(specs("fresh"))
+        # As the transceiver's: the source topic's offsets, under the same topic name here.
+        source_tp = TopicPartition(topic, 0)
+        async with (
+            TransactionalProducer(cluster, transactional_id="dm-tx-fresh") as tx,
+            tx.transaction(),
+        ):
+            await tx.send(topic, b"copied")
+            tx.send_offsets_to_transaction({source_tp: 1}, "dm-transceiver-fresh")
+        async with Admin(cluster) as admin:
+            assert await admin.group_offsets("dm-transceiver-fresh") == {source_tp: 1}
+        assert await read_all(cluster, topic) == [b"copied"]
+    finally:
+        site.stop()
