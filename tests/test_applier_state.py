@@ -103,7 +103,8 @@ def test_a_save_cut_short_leaves_the_previous_state(
     # After the restart: the old state, or the new one if the whole slot had landed.
     recovered = StateStore(directory).load("vm-a")
     payload = json.dumps(new.to_json(), sort_keys=True).encode()
-    assert recovered == previous or (cut >= 24 + len(payload) and recovered == new)
+    whole_slot = state_module._SLOT_HEADER.size + len(payload)
+    assert recovered == previous or (cut >= whole_slot and recovered == new)
 
 
 def test_a_slot_damaged_later_falls_back_and_two_damaged_slots_are_refused(
@@ -161,3 +162,20 @@ def test_a_state_larger_than_a_slot_is_refused_and_the_old_one_kept(tmp_path: Pa
     with pytest.raises(StateFileError, match="more than a slot holds"):
         store.save(kept.with_changes(reason="x" * MAX_STATE_BYTES))
     assert StateStore(tmp_path).load("vm-a") == kept
+
+
+def test_an_earlier_appliers_file_left_by_a_crash_is_ignored_then_retired(
+    tmp_path: Path,
+) -> None:
+    saved = VmState(vm_id="vm-a", applied_seq=9, applied_offset=90)
+    store = StateStore(tmp_path)
+    store.save(saved)
+    store.close()
+    # The crash came between that first save and the unlink of the old file.
+    stale = VmState(vm_id="vm-a", applied_seq=7, applied_offset=70)
+    (tmp_path / "vm-a.json").write_text(json.dumps(stale.to_json()))
+    restarted = StateStore(tmp_path)
+    assert restarted.load("vm-a") == saved
+    restarted.save(saved.with_changes(applied_seq=10))
+    restarted.close()
+    assert not (tmp_path / "vm-a.json").exists()

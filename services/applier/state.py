@@ -163,19 +163,17 @@ class StateStore:
                 f"applier state of VM {state.vm_id} is {len(payload)} bytes, more than a "
                 f"slot holds ({MAX_STATE_BYTES})"
             )
+        first_in_process = state.vm_id not in self._files
         fd, generation = self._open(state.vm_id)
         generation += 1
         header = _SLOT_HEADER.pack(
             _SLOT_MAGIC, generation, len(payload), _slot_crc(generation, payload)
         )
-        data = header + payload
-        offset = (generation % 2) * SLOT_SIZE
-        written = 0
-        while written < len(data):
-            written += os.pwrite(fd, data[written:], offset + written)
+        _write_all(fd, header + payload, (generation % 2) * SLOT_SIZE)
         os.fdatasync(fd)
         self._files[state.vm_id] = (fd, generation)
-        if generation == 1:
+        if first_in_process:
+            # Also when an earlier process crashed between its first save and the unlink.
             self._retire_legacy(state.vm_id)
 
     def _open(self, vm_id: str) -> tuple[int, int]:
@@ -207,9 +205,7 @@ class StateStore:
         try:
             image = bytearray(2 * SLOT_SIZE)
             _SLOT_HEADER.pack_into(image, 0, _SLOT_MAGIC, 0, 0, _slot_crc(0, b""))
-            written = 0
-            while written < len(image):
-                written += os.pwrite(fd, image[written:], written)
+            _write_all(fd, image, 0)
             os.fsync(fd)
             os.replace(temporary, path)
             self._sync_directory()
@@ -236,6 +232,12 @@ class StateStore:
         files, self._files = self._files, {}
         for fd, _ in files.values():
             os.close(fd)
+
+
+def _write_all(fd: int, data: bytes | bytearray, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.pwrite(fd, view, offset + len(data) - len(view)) :]
 
 
 def _slot_crc(generation: int, payload: bytes) -> int:
