@@ -15,6 +15,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 from aiokafka.structs import TopicPartition
+from tap_helpers import wait_until
 
 from datapath.kafka import (
     Admin,
@@ -218,7 +219,14 @@ async def test_first_transactional_offsets_on_a_fresh_cluster_wait_for_its_coord
         ):
             await tx.send(topic, b"copied")
             tx.send_offsets_to_transaction({source_tp: 1}, "dm-transceiver-fresh")
+        # The commit returns once the coordinator has decided; its markers (which make the
+        # offsets visible to a reader that is not a fenced successor) follow shortly after.
         async with Admin(cluster) as admin:
+
+            async def offsets_visible() -> bool:
+                return bool(await admin.group_offsets("dm-transceiver-fresh"))
+
+            await wait_until(offsets_visible, "the transaction's offsets", limit_s=30)
             assert await admin.group_offsets("dm-transceiver-fresh") == {source_tp: 1}
         assert await read_all(cluster, topic) == [b"copied"]
     finally:
