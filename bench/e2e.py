@@ -3,7 +3,13 @@
 Prints one JSON line:
 - protected throughput: data copied into the tap with nbdcopy, measured until the
   target has applied all of it (lag drained), beside nbdcopy of the same data to a
-  local file in the same run (the baseline). Goal >= 150 MB/s.
+  local file in the same run (the baseline). Goal >= 150 MB/s. Beside it, when each
+  stage had passed on the last write (`throughput_stages_done_s`, seconds from the
+  start: the guest's writes, the tap's publishing, the receiver's batches, the
+  transceiver's copy, the applier), sampled from the services' `/status` every 200 ms,
+  and how often the tap fell back to its dirty bitmap meanwhile (`throughput_tap_outages`:
+  its buffer full, so the rest travelled in a resync, which the applier applies whole
+  once complete): the stage that finishes long after the one before it limits the run.
 - RPO p50/p99 at a steady 20 MB/s of random 64 KiB writes (fio, nbd engine), measured
   end to end: every 10 ms the applier's applied sequence number is read (from its state
   file, where the applier makes it durable: polling its HTTP API 100 times a second took
@@ -34,6 +40,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -45,6 +52,62 @@ from vib.replay import read_tap_frames
 
 # How often the applier's RPO gauge is read (over HTTP: each read costs both processes CPU).
 GAUGE_PERIOD_S = 0.1
+# How often each service's progress is sampled during the throughput run.
+STAGE_PERIOD_S = 0.2
+STAGES = ("tap_published", "receiver", "transceiver", "applier")
+
+
+def stage_positions(http: httpx.Client, services: dict[str, str], vm_id: str) -> dict[str, int]:
+    """The last sequence number each stage has passed on (-1: none yet)."""
+
+    def status(service: str) -> dict[str, Any]:
+        response = http.get(f"{services[service]}/status")
+        response.raise_for_status()
+        result: dict[str, Any] = response.json()
+        return result
+
+    tap = next(v for v in status("tap")["vms"] if v["vm"] == vm_id)
+    seqs = {
+        "tap_published": tap["last_seq_acknowledged"],
+        "receiver": status("receiver")["vms"].get(vm_id, {}).get("last_committed_seq"),
+        "transceiver": status("transceiver")["vms"].get(vm_id, {}).get("last_seq"),
+        "applier": status("applier")["vms"][vm_id]["applied_seq"],
+    }
+    return {stage: -1 if seq is None else int(seq) for stage, seq in seqs.items()}
+
+
+class StageTimeline:
+    """Samples every stage's progress in a thread until stopped."""
+
+    def __init__(self, services: dict[str, str], vm_id: str) -> None:
+        self.services, self.vm_id = services, vm_id
+        self.samples: list[tuple[float, dict[str, int]]] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+        self._start = time.monotonic()
+
+    def __enter__(self) -> StageTimeline:
+        self._start = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=10.0) as http:
+            while not self._done.is_set():
+                positions = stage_positions(http, self.services, self.vm_id)
+                self.samples.append((time.monotonic() - self._start, positions))
+                self._done.wait(STAGE_PERIOD_S)
+
+    def done_at(self, last_seq: int, end_s: float) -> dict[str, float]:
+        """When each stage first held `last_seq` (`end_s` if no sample saw it before)."""
+        return {
+            stage: round(next((t for t, seen in self.samples if seen[stage] >= last_seq), end_s), 1)
+            for stage in STAGES
+        }
 
 
 def make_data(path: Path, size: int) -> None:
@@ -78,6 +141,12 @@ def record_timestamps(cluster: KafkaClusterSettings, vm_id: str) -> dict[int, in
     """Every record's sequence number and timestamp, read back from the VM's tap topic."""
     frames = asyncio.run(read_tap_frames(cluster, vm_id, timeout_s=300))
     return {record.seq: record.ts_ns for frame in frames for record in frame.records}
+
+
+def tap_outages(http: httpx.Client, services: dict[str, str], vm_id: str) -> int:
+    response = http.get(f"{services['tap']}/status")
+    response.raise_for_status()
+    return int(next(v for v in response.json()["vms"] if v["vm"] == vm_id)["outages"])
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -129,12 +198,22 @@ def main() -> int:
             http = httpx.Client(timeout=10.0)
             wait_drained(http, endpoints, "bench", timeout=300)
             written = protected = float("nan")
+            stages: dict[str, float] = {}
+            outages = 0
             if not args.rpo_only:
-                start = time.monotonic()
-                subprocess.run(["nbdcopy", str(data), export], check=True, capture_output=True)
-                written = time.monotonic() - start
-                wait_drained(http, endpoints, "bench", timeout=600)
-                protected = time.monotonic() - start
+                outages_before = tap_outages(http, endpoints.services, "bench")
+                with StageTimeline(endpoints.services, "bench") as timeline:
+                    start = time.monotonic()
+                    subprocess.run(["nbdcopy", str(data), export], check=True, capture_output=True)
+                    written = time.monotonic() - start
+                    tap_vm, _ = wait_drained(http, endpoints, "bench", timeout=600)
+                    protected = time.monotonic() - start
+                last_seq = tap_vm["last_seq_acknowledged"]
+                stages = {
+                    "guest_writes": round(written, 1),
+                    **timeline.done_at(last_seq, round(protected, 1)),
+                }
+                outages = tap_outages(http, endpoints.services, "bench") - outages_before
                 # Likewise the throughput run's writes (Kafka logs, disks): a steady
                 # 20 MB/s does not leave a gigabyte to write back at once.
                 os.sync()
@@ -204,6 +283,8 @@ def main() -> int:
         "baseline_nbdcopy_local_mb_s": round(mb / baseline, 1),
         "protected_vs_baseline": None if args.rpo_only else round(baseline / protected, 3),
         "goal_protected_mb_s": 150,
+        "throughput_stages_done_s": None if args.rpo_only else stages,
+        "throughput_tap_outages": None if args.rpo_only else outages,
         "rpo_at_20mb_s_p50_ms": round(percentile(rpos, 0.5) * 1000, 1),
         "rpo_at_20mb_s_p99_ms": round(percentile(rpos, 0.99) * 1000, 1),
         "rpo_samples": len(rpos),
