@@ -57,21 +57,31 @@ STAGE_PERIOD_S = 0.2
 STAGES = ("tap_published", "receiver", "transceiver", "applier")
 
 
+def service_status(http: httpx.Client, services: dict[str, str], service: str) -> dict[str, Any]:
+    response = http.get(f"{services[service]}/status")
+    response.raise_for_status()
+    result: dict[str, Any] = response.json()
+    return result
+
+
+def tap_vm_status(http: httpx.Client, services: dict[str, str], vm_id: str) -> dict[str, Any]:
+    vm: dict[str, Any] = next(
+        v for v in service_status(http, services, "tap")["vms"] if v["vm"] == vm_id
+    )
+    return vm
+
+
 def stage_positions(http: httpx.Client, services: dict[str, str], vm_id: str) -> dict[str, int]:
     """The last sequence number each stage has passed on (-1: none yet)."""
-
-    def status(service: str) -> dict[str, Any]:
-        response = http.get(f"{services[service]}/status")
-        response.raise_for_status()
-        result: dict[str, Any] = response.json()
-        return result
-
-    tap = next(v for v in status("tap")["vms"] if v["vm"] == vm_id)
     seqs = {
-        "tap_published": tap["last_seq_acknowledged"],
-        "receiver": status("receiver")["vms"].get(vm_id, {}).get("last_committed_seq"),
-        "transceiver": status("transceiver")["vms"].get(vm_id, {}).get("last_seq"),
-        "applier": status("applier")["vms"][vm_id]["applied_seq"],
+        "tap_published": tap_vm_status(http, services, vm_id)["last_seq_acknowledged"],
+        "receiver": service_status(http, services, "receiver")["vms"]
+        .get(vm_id, {})
+        .get("last_committed_seq"),
+        "transceiver": service_status(http, services, "transceiver")["vms"]
+        .get(vm_id, {})
+        .get("last_seq"),
+        "applier": service_status(http, services, "applier")["vms"][vm_id]["applied_seq"],
     }
     return {stage: -1 if seq is None else int(seq) for stage, seq in seqs.items()}
 
@@ -83,6 +93,7 @@ class StageTimeline:
         self.services, self.vm_id = services, vm_id
         self.samples: list[tuple[float, dict[str, int]]] = []
         self._done = threading.Event()
+        self._error: httpx.HTTPError | None = None
         self._thread = threading.Thread(target=self._run)
         self._start = time.monotonic()
 
@@ -91,14 +102,20 @@ class StageTimeline:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
         self._done.set()
         self._thread.join()
+        if exc_type is None and self._error is not None:
+            raise RuntimeError(f"sampling the stages failed: {self._error}") from self._error
 
     def _run(self) -> None:
         with httpx.Client(timeout=10.0) as http:
             while not self._done.is_set():
-                positions = stage_positions(http, self.services, self.vm_id)
+                try:
+                    positions = stage_positions(http, self.services, self.vm_id)
+                except httpx.HTTPError as exc:
+                    self._error = exc
+                    return
                 self.samples.append((time.monotonic() - self._start, positions))
                 self._done.wait(STAGE_PERIOD_S)
 
@@ -141,12 +158,6 @@ def record_timestamps(cluster: KafkaClusterSettings, vm_id: str) -> dict[int, in
     """Every record's sequence number and timestamp, read back from the VM's tap topic."""
     frames = asyncio.run(read_tap_frames(cluster, vm_id, timeout_s=300))
     return {record.seq: record.ts_ns for frame in frames for record in frame.records}
-
-
-def tap_outages(http: httpx.Client, services: dict[str, str], vm_id: str) -> int:
-    response = http.get(f"{services['tap']}/status")
-    response.raise_for_status()
-    return int(next(v for v in response.json()["vms"] if v["vm"] == vm_id)["outages"])
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -201,7 +212,7 @@ def main() -> int:
             stages: dict[str, float] = {}
             outages = 0
             if not args.rpo_only:
-                outages_before = tap_outages(http, endpoints.services, "bench")
+                outages_before = tap_vm_status(http, endpoints.services, "bench")["outages"]
                 with StageTimeline(endpoints.services, "bench") as timeline:
                     start = time.monotonic()
                     subprocess.run(["nbdcopy", str(data), export], check=True, capture_output=True)
@@ -213,7 +224,9 @@ def main() -> int:
                     "guest_writes": round(written, 1),
                     **timeline.done_at(last_seq, round(protected, 1)),
                 }
-                outages = tap_outages(http, endpoints.services, "bench") - outages_before
+                outages = (
+                    tap_vm_status(http, endpoints.services, "bench")["outages"] - outages_before
+                )
                 # Likewise the throughput run's writes (Kafka logs, disks): a steady
                 # 20 MB/s does not leave a gigabyte to write back at once.
                 os.sync()
