@@ -3,6 +3,7 @@ records that cross both sites exactly as sent, and a PostgreSQL that answers."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import signal
@@ -44,17 +45,38 @@ async def read_all(
     *,
     isolation_level: IsolationLevel = "read_committed",
 ) -> list[bytes]:
-    """Every readable record of partition 0 of ``topic``, from the start to its end offset."""
+    """Every readable record of partition 0 of ``topic``, from the start to its end offset.
+
+    read_committed waits (a few seconds at most) for the transactions already committed to
+    become readable: a commit returns once the coordinator has decided, and the markers
+    that move the last stable offset past its records follow shortly after.
+    """
     tp = TopicPartition(topic, 0)
     async with Consumer(cluster, isolation_level=isolation_level) as consumer:
         consumer.assign([tp])
         await consumer.seek_to_beginning(tp)
         end = (await consumer.end_offsets([tp]))[tp]
+        if isolation_level == "read_committed":
+            end = await _settled_end(cluster, consumer, tp, end)
         values: list[bytes] = []
         while await consumer.position(tp) < end:
             batch = await consumer.getmany(tp, timeout_ms=2000)
             values += [record.value for record in batch.get(tp, [])]
         return values
+
+
+async def _settled_end(
+    cluster: KafkaClusterSettings, committed: Consumer, tp: TopicPartition, stable: int
+) -> int:
+    """The last stable offset once it reaches the log's end, or after 10 s as it is then."""
+    async with Consumer(cluster, isolation_level="read_uncommitted") as raw:
+        raw.assign([tp])
+        log_end = (await raw.end_offsets([tp]))[tp]
+    deadline = time.monotonic() + 10
+    while stable < log_end and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        stable = (await committed.end_offsets([tp]))[tp]
+    return stable
 
 
 async def test_site_keeps_its_records_across_stop_kill_and_restart(tmp_path: Path) -> None:
