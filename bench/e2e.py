@@ -46,7 +46,7 @@ import httpx
 
 from datapath.kafka import KafkaClusterSettings
 from datapath.protection import load_protection_plan
-from dmover.local import LocalDeployment, wait_drained
+from dmover.local import Endpoints, LocalDeployment, replication_positions, wait_drained
 from services.applier.state import StateStore
 from vib.replay import read_tap_frames
 
@@ -57,31 +57,21 @@ STAGE_PERIOD_S = 0.2
 STAGES = ("tap_published", "receiver", "transceiver", "applier")
 
 
-def service_status(http: httpx.Client, services: dict[str, str], service: str) -> dict[str, Any]:
-    response = http.get(f"{services[service]}/status")
-    response.raise_for_status()
-    result: dict[str, Any] = response.json()
-    return result
-
-
-def tap_vm_status(http: httpx.Client, services: dict[str, str], vm_id: str) -> dict[str, Any]:
-    vm: dict[str, Any] = next(
-        v for v in service_status(http, services, "tap")["vms"] if v["vm"] == vm_id
-    )
-    return vm
-
-
-def stage_positions(http: httpx.Client, services: dict[str, str], vm_id: str) -> dict[str, int]:
+def stage_positions(http: httpx.Client, endpoints: Endpoints, vm_id: str) -> dict[str, int]:
     """The last sequence number each stage has passed on (-1: none yet)."""
+
+    def status_of(service: str) -> dict[str, Any]:
+        response = http.get(f"{endpoints.services[service]}/status")
+        response.raise_for_status()
+        vm: dict[str, Any] = response.json()["vms"].get(vm_id, {})
+        return vm
+
+    tap_vm, applier_vm = replication_positions(http, endpoints, vm_id)
     seqs = {
-        "tap_published": tap_vm_status(http, services, vm_id)["last_seq_acknowledged"],
-        "receiver": service_status(http, services, "receiver")["vms"]
-        .get(vm_id, {})
-        .get("last_committed_seq"),
-        "transceiver": service_status(http, services, "transceiver")["vms"]
-        .get(vm_id, {})
-        .get("last_seq"),
-        "applier": service_status(http, services, "applier")["vms"][vm_id]["applied_seq"],
+        "tap_published": tap_vm["last_seq_acknowledged"],
+        "receiver": status_of("receiver").get("last_committed_seq"),
+        "transceiver": status_of("transceiver").get("last_seq"),
+        "applier": applier_vm["applied_seq"],
     }
     return {stage: -1 if seq is None else int(seq) for stage, seq in seqs.items()}
 
@@ -89,8 +79,8 @@ def stage_positions(http: httpx.Client, services: dict[str, str], vm_id: str) ->
 class StageTimeline:
     """Samples every stage's progress in a thread until stopped."""
 
-    def __init__(self, services: dict[str, str], vm_id: str) -> None:
-        self.services, self.vm_id = services, vm_id
+    def __init__(self, endpoints: Endpoints, vm_id: str) -> None:
+        self.endpoints, self.vm_id = endpoints, vm_id
         self.samples: list[tuple[float, dict[str, int]]] = []
         self._done = threading.Event()
         self._error: httpx.HTTPError | None = None
@@ -112,7 +102,7 @@ class StageTimeline:
         with httpx.Client(timeout=10.0) as http:
             while not self._done.is_set():
                 try:
-                    positions = stage_positions(http, self.services, self.vm_id)
+                    positions = stage_positions(http, self.endpoints, self.vm_id)
                 except httpx.HTTPError as exc:
                     self._error = exc
                     return
@@ -212,8 +202,8 @@ def main() -> int:
             stages: dict[str, float] = {}
             outages = 0
             if not args.rpo_only:
-                outages_before = tap_vm_status(http, endpoints.services, "bench")["outages"]
-                with StageTimeline(endpoints.services, "bench") as timeline:
+                outages_before = replication_positions(http, endpoints, "bench")[0]["outages"]
+                with StageTimeline(endpoints, "bench") as timeline:
                     start = time.monotonic()
                     subprocess.run(["nbdcopy", str(data), export], check=True, capture_output=True)
                     written = time.monotonic() - start
@@ -224,9 +214,8 @@ def main() -> int:
                     "guest_writes": round(written, 1),
                     **timeline.done_at(last_seq, round(protected, 1)),
                 }
-                outages = (
-                    tap_vm_status(http, endpoints.services, "bench")["outages"] - outages_before
-                )
+                outages = replication_positions(http, endpoints, "bench")[0]["outages"]
+                outages -= outages_before
                 # Likewise the throughput run's writes (Kafka logs, disks): a steady
                 # 20 MB/s does not leave a gigabyte to write back at once.
                 os.sync()
