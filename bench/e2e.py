@@ -10,6 +10,10 @@ Prints one JSON line:
   and how often the tap fell back to its dirty bitmap meanwhile (`throughput_tap_outages`:
   its buffer full, so the rest travelled in a resync, which the applier applies whole
   once complete): the stage that finishes long after the one before it limits the run.
+  And the CPU each part used meanwhile per MB of guest data (`throughput_cpu_ms_per_mb`,
+  from `/proc`: the brokers, the services, `other` for the rest of the machine, the
+  kernel's write-back threads among it, and `machine` for all of it): 2 cores give 2000
+  ms per second, so `machine` bounds the throughput on this machine at 2000 / machine MB/s.
 - RPO p50/p99 at a steady 20 MB/s of random 64 KiB writes (fio, nbd engine), measured
   end to end: every 10 ms the applier's applied sequence number is read (from its state
   file, where the applier makes it durable: polling its HTTP API 100 times a second took
@@ -117,6 +121,55 @@ class StageTimeline:
         }
 
 
+# /proc reports CPU time in clock ticks.
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_s(pid: int) -> float:
+    """User plus system CPU seconds of a process (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def machine_busy_s() -> float:
+    """CPU seconds all cores spent on anything but idle and I/O wait, so far."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(
+        int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    )
+    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
+
+
+class CpuAccount:
+    """CPU used by each part (and by the rest of the machine) between start and stop."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self._start: dict[str, float] = {}
+        self.used_s: dict[str, float] = {}
+
+    def _read(self) -> dict[str, float]:
+        return {
+            "machine": machine_busy_s(),
+            **{name: process_cpu_s(pid) for name, pid in self.pids.items()},
+        }
+
+    def start(self) -> None:
+        self._start = self._read()
+
+    def stop(self) -> None:
+        end = self._read()
+        self.used_s = {name: end[name] - self._start[name] for name in end}
+
+    def ms_per_mb(self, mb: float) -> dict[str, float]:
+        """Per MB of guest data: each part, `other` (the kernel's threads, nbdcopy, this
+        benchmark) and `machine`, the sum of all."""
+        parts = {name: used for name, used in self.used_s.items() if name != "machine"}
+        per_mb = {name: round(used * 1000 / mb, 2) for name, used in parts.items()}
+        per_mb["other"] = round((self.used_s["machine"] - sum(parts.values())) * 1000 / mb, 2)
+        per_mb["machine"] = round(self.used_s["machine"] * 1000 / mb, 2)
+        return per_mb
+
+
 def make_data(path: Path, size: int) -> None:
     """Half-compressible data: each 64 KiB block is half random, half zeros."""
     block = 64 * 1024
@@ -201,14 +254,19 @@ def main() -> int:
             written = protected = float("nan")
             stages: dict[str, float] = {}
             outages = 0
+            cpu = CpuAccount(
+                {name: pid for name, pid in endpoints.pids.items() if name != "supervisor"}
+            )
             if not args.rpo_only:
                 outages_before = replication_positions(http, endpoints, "bench")[0]["outages"]
                 with StageTimeline(endpoints, "bench") as timeline:
+                    cpu.start()
                     start = time.monotonic()
                     subprocess.run(["nbdcopy", str(data), export], check=True, capture_output=True)
                     written = time.monotonic() - start
                     tap_vm, _ = wait_drained(http, endpoints, "bench", timeout=600)
                     protected = time.monotonic() - start
+                    cpu.stop()
                 last_seq = tap_vm["last_seq_acknowledged"]
                 stages = {
                     "guest_writes": round(written, 1),
@@ -287,6 +345,7 @@ def main() -> int:
         "goal_protected_mb_s": 150,
         "throughput_stages_done_s": None if args.rpo_only else stages,
         "throughput_tap_outages": None if args.rpo_only else outages,
+        "throughput_cpu_ms_per_mb": None if args.rpo_only else cpu.ms_per_mb(mb),
         "rpo_at_20mb_s_p50_ms": round(percentile(rpos, 0.5) * 1000, 1),
         "rpo_at_20mb_s_p99_ms": round(percentile(rpos, 0.99) * 1000, 1),
         "rpo_samples": len(rpos),

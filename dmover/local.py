@@ -190,6 +190,11 @@ class LocalDeployment:
             services={s.name: s.http for s in self.services},
             pids={
                 "supervisor": os.getpid(),
+                **{
+                    f"kafka_{site.name}": site.process.pid
+                    for site in self.sites or ()
+                    if site.process is not None
+                },
                 **{s.name: s.process.pid for s in self.services if s.process is not None},
             },
             plan=str(self.plan_path),
