@@ -4,11 +4,14 @@ and a cluster that is unreachable from the start (the guest is served regardless
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import os
 from pathlib import Path
 
 import nbd
 import pytest
 import typer
+from prometheus_client import generate_latest
 from pydantic import ValidationError
 from tap_helpers import (
     DiskSpec,
@@ -149,3 +152,84 @@ async def test_a_full_sync_requested_before_a_crash_is_not_lost(vm_id: str, tmp_
         assert vm.dirty_bytes() == 4 * MiB
         assert vm.full_sync_pending
     assert (state / "full_sync").read_text().strip() == "marked"
+
+
+def _dirty_pages(path: Path) -> int:
+    """Dirty page-cache pages of a file, by cachestat(2) (Linux 6.5)."""
+
+    class Range(ctypes.Structure):
+        _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+    class Stat(ctypes.Structure):
+        _fields_ = [
+            (name, ctypes.c_uint64)
+            for name in ("cache", "dirty", "writeback", "evicted", "recently_evicted")
+        ]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    whole, stat = Range(0, 0), Stat()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if libc.syscall(_SYS_CACHESTAT, fd, ctypes.byref(whole), ctypes.byref(stat), 0) != 0:
+            pytest.skip(f"cachestat: {os.strerror(ctypes.get_errno())}")
+    finally:
+        os.close(fd)
+    return int(stat.dirty)
+
+
+_SYS_CACHESTAT = 451  # x86_64 and aarch64 alike
+
+
+async def test_the_source_disk_is_written_back_as_the_guest_writes(
+    source_cluster: KafkaClusterSettings, vm_id: str, tmp_path: Path
+) -> None:
+    disks = [DiskSpec("d0", tmp_path / "src.img", 16 * MiB)]
+    plan = write_plan(tmp_path / "plan.yaml", source_cluster, vm_id, disks)
+    settings = tap_settings(tmp_path, plan, writeback_interval_s=0.2)
+    async with running_tap(settings) as tap:
+        await wait_caught_up(tap, vm_id)
+        vm = tap.taps[vm_id]
+
+        def write_without_flush() -> None:
+            handle = nbd.NBD()
+            handle.connect_uri(nbd_uri(tap.nbd_port, vm_id, "d0"))
+            for offset in range(0, 8 * MiB, MiB):
+                handle.pwrite(b"\x5a" * MiB, offset)
+            handle.shutdown()
+
+        rounds = vm.stats.writebacks
+        await asyncio.to_thread(write_without_flush)
+        # The kernel would keep the pages dirty for 30 s (dirty_expire_centisecs).
+        await wait_until(lambda: _dirty_pages(disks[0].path) == 0, "the pages written back", 10)
+        assert vm.stats.writebacks > rounds
+        await wait_caught_up(tap, vm_id)
+        idle = vm.stats.writebacks
+        await asyncio.sleep(1.0)
+        assert vm.stats.writebacks == idle, "a disk the guest did not write was flushed"
+        metrics = generate_latest(tap.registry).decode()
+        assert f'datamover_tap_writebacks_total{{vm="{vm_id}"}} {float(idle)}' in metrics
+
+
+async def test_a_burst_larger_than_writeback_max_bytes_is_left_to_the_kernel(
+    source_cluster: KafkaClusterSettings, vm_id: str, tmp_path: Path
+) -> None:
+    disks = [DiskSpec("d0", tmp_path / "src.img", 16 * MiB)]
+    plan = write_plan(tmp_path / "plan.yaml", source_cluster, vm_id, disks)
+    settings = tap_settings(tmp_path, plan, writeback_interval_s=0.2, writeback_max_bytes=2 * MiB)
+    async with running_tap(settings) as tap:
+        await wait_caught_up(tap, vm_id)
+        vm = tap.taps[vm_id]
+        uri = nbd_uri(tap.nbd_port, vm_id, "d0")
+        rounds = vm.stats.writebacks
+
+        def write(size: int) -> None:
+            handle = nbd.NBD()
+            handle.connect_uri(uri)
+            handle.pwrite(b"\x33" * size, 0)  # one request: it falls in one interval
+            handle.shutdown()
+
+        await asyncio.to_thread(write, 4 * MiB)
+        await asyncio.sleep(1.0)
+        assert vm.stats.writebacks == rounds, "a 4 MiB burst was flushed"
+        await asyncio.to_thread(write, MiB)
+        await wait_until(lambda: vm.stats.writebacks > rounds, "a flush after a small write", 10)

@@ -65,6 +65,25 @@ class TapSettings(BaseSettings):
     extent_size: int = Field(default=4 << 20, description="activity log extent (power of 2)")
     activity_log_slots: int = Field(default=1024, ge=1, le=0xFFFE)
     retire_interval_s: float = Field(default=1.0, gt=0)
+    writeback_interval_s: float = Field(
+        default=1.0,
+        ge=0,
+        description=(
+            "write the source disks' dirty pages back this often (a flush, off the I/O "
+            "loop), so the page cache holds about this much of the guest's writes: the "
+            "kernel's own write-back releases 30 s of them at once, and every fsync on the "
+            "host waits behind that burst; 0: leave it to the kernel"
+        ),
+    )
+    writeback_max_bytes: int = Field(
+        default=64 << 20,
+        gt=0,
+        description=(
+            "leave write-back to the kernel after an interval in which the VM wrote more "
+            "than this: flushing a burst fills the disk's queue, and guest writes that "
+            "wait for an activity log commit wait behind it"
+        ),
+    )
     bitmap_granularity: int = Field(default=64 << 10, description="bytes per dirty bit")
     resync_chunk_bytes: int = Field(default=1 << 20, ge=4096)
     resync_max_bytes_per_s: int = Field(

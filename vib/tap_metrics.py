@@ -68,6 +68,11 @@ class _TapCollector(Collector):
             "HEARTBEAT markers published while the guest wrote nothing.",
             labels=["vm"],
         )
+        writebacks = CounterMetricFamily(
+            "datamover_tap_writebacks",
+            "Rounds of writing the source disks' dirty pages back (writeback_interval_s).",
+            labels=["vm"],
+        )
         al_commits = CounterMetricFamily(
             "datamover_tap_activity_log_commits",
             "Activity log transactions made durable (a write to a cold extent).",
@@ -108,6 +113,7 @@ class _TapCollector(Collector):
             outages.add_metric([vm], stats.outages)
             resyncs.add_metric([vm], stats.resyncs_completed)
             heartbeats.add_metric([vm], stats.heartbeats)
+            writebacks.add_metric([vm], stats.writebacks)
             al_commits.add_metric([vm], tap.activity_log_commits)
             resync = tap.resync
             running = resync is not None and resync.finished_at is None
@@ -130,6 +136,7 @@ class _TapCollector(Collector):
             current = tap.mode
             for each in Mode:
                 mode.add_metric([vm, each.value], 1 if each is current else 0)
-        yield from (ops, op_bytes, frames, frame_bytes, outages, resyncs, heartbeats, al_commits)
+        yield from (ops, op_bytes, frames, frame_bytes, outages, resyncs, heartbeats, writebacks)
+        yield al_commits
         yield from gauges.values()
         yield mode

@@ -183,6 +183,7 @@ class VmStats:
     outages: int = 0
     resyncs_completed: int = 0
     heartbeats: int = 0
+    writebacks: int = 0
 
 
 def _backoff(interval: float, failures: int) -> float:
@@ -311,6 +312,10 @@ class VmTap:
             asyncio.create_task(self._sessions(), name=f"tap-sessions-{self.vm_id}"),
             asyncio.create_task(self._housekeeping(), name=f"tap-housekeeping-{self.vm_id}"),
         ]
+        if self.settings.writeback_interval_s:
+            self._tasks.append(
+                asyncio.create_task(self._write_back(), name=f"tap-writeback-{self.vm_id}")
+            )
         log.info(
             "VM %s: tap started on %d disks%s",
             self.vm_id,
@@ -329,8 +334,9 @@ class VmTap:
         self._stopping = True
         await self._cancel_resync()
         session = self._session
-        sessions_task, housekeeping_task = self._tasks
-        housekeeping_task.cancel()
+        sessions_task, *others = self._tasks
+        for task in others:
+            task.cancel()
         if session is not None:
             deadline = time.monotonic() + drain_timeout
             while session.active and not session.all_acked() and time.monotonic() < deadline:
@@ -345,7 +351,7 @@ class VmTap:
                 sessions_task.cancel()
         else:
             sessions_task.cancel()  # still trying to reach Kafka: nothing to hand over
-        for task in (sessions_task, housekeeping_task):
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
@@ -911,6 +917,38 @@ class VmTap:
         log.info("VM %s: full sync requested", self.vm_id)
 
     # -- housekeeping ---------------------------------------------------------------------
+
+    async def _write_back(self) -> None:
+        # Measured end to end at 20 MB/s: the first 30 s expiry wrote 600 MB of the
+        # source disk back in 1.2 s, and the applier's fsyncs waited behind it (RPO 600 ms).
+        # A burst is left to the kernel: flushing a gigabyte a second filled the disk's
+        # queue, and the activity log's commits, which writes to cold extents wait for,
+        # waited behind it (1 MiB sequential writes: 128 MB/s instead of 1242).
+        interval = self.settings.writeback_interval_s
+        limit = self.settings.writeback_max_bytes
+        stats = self.stats
+        flushed = stats.write_bytes + stats.zero_bytes
+        while True:
+            await asyncio.sleep(interval)
+            changed = stats.write_bytes + stats.zero_bytes - flushed
+            if not changed:
+                continue
+            flushed += changed
+            if changed > limit:
+                continue
+            for disk in self.disks:
+                # Shielded: a stop waits for a flush under way before it closes the disks.
+                flush = asyncio.ensure_future(asyncio.to_thread(disk.backend.flush))
+                self._background.add(flush)
+                flush.add_done_callback(self._background.discard)
+                try:
+                    await asyncio.shield(flush)
+                except OSError as exc:
+                    # Only the pacing is lost: the kernel writes the pages back itself.
+                    log.warning(
+                        "VM %s: writing disk %s back failed: %s", self.vm_id, disk.name, exc
+                    )
+            stats.writebacks += 1
 
     async def _housekeeping(self) -> None:
         retire_every = self.settings.retire_interval_s
