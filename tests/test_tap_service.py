@@ -154,6 +154,9 @@ async def test_a_full_sync_requested_before_a_crash_is_not_lost(vm_id: str, tmp_
     assert (state / "full_sync").read_text().strip() == "marked"
 
 
+_SYS_CACHESTAT = 451  # x86_64 and aarch64 alike
+
+
 def _dirty_pages(path: Path) -> int:
     """Dirty page-cache pages of a file, by cachestat(2) (Linux 6.5)."""
 
@@ -175,9 +178,6 @@ def _dirty_pages(path: Path) -> int:
     finally:
         os.close(fd)
     return int(stat.dirty)
-
-
-_SYS_CACHESTAT = 451  # x86_64 and aarch64 alike
 
 
 async def test_the_source_disk_is_written_back_as_the_guest_writes(

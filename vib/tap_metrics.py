@@ -136,7 +136,7 @@ class _TapCollector(Collector):
             current = tap.mode
             for each in Mode:
                 mode.add_metric([vm, each.value], 1 if each is current else 0)
-        yield from (ops, op_bytes, frames, frame_bytes, outages, resyncs, heartbeats, writebacks)
-        yield al_commits
+        yield from (ops, op_bytes, frames, frame_bytes, outages, resyncs, heartbeats)
+        yield from (writebacks, al_commits)
         yield from gauges.values()
         yield mode
