@@ -212,6 +212,22 @@ async def test_sites_round_trip_idempotent_and_transactional(
         assert await admin.group_offsets(group) == {source_tp: len(batches)}
 
 
+def test_local_brokers_start_with_their_whole_heap(
+    source_site: object, target_site: object
+) -> None:
+    # A heap grown from a small start cost a full collection in the first seconds of a
+    # workload (docs/kafka.md): the JVM takes the last -Xms/-Xmx of its command line.
+    for site in (source_site, target_site):
+        if not isinstance(site, KafkaSite):
+            pytest.skip("an external cluster: its JVM is not ours")
+        assert site.process is not None
+        argv = Path(f"/proc/{site.process.pid}/cmdline").read_bytes().decode().split("\0")
+        initial = [arg for arg in argv if arg.startswith("-Xms")]
+        maximum = [arg for arg in argv if arg.startswith("-Xmx")]
+        assert initial and maximum, argv
+        assert initial[-1].removeprefix("-Xms") == maximum[-1].removeprefix("-Xmx") == site.heap
+
+
 async def test_postgres_answers_select_1(postgres: LocalPostgres) -> None:
     assert postgres.url.startswith("postgresql+asyncpg://")
     connection = await asyncpg.connect(postgres.dsn)
