@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import socket
+from typing import Any
 
 import aiokafka.errors as driver
 import confluent_kafka as rdkafka
@@ -457,6 +458,28 @@ async def test_zstd_compressed_records_round_trip(
             received += [record.value for record in fetched[tp]]
         assert received == values
         assert await consumer.position(tp) == len(values)
+
+
+async def test_a_fetch_waiting_for_more_bytes_still_returns_a_small_record(
+    source_cluster: KafkaClusterSettings, vm_id: str
+) -> None:
+    # The receiver asks for 1 MiB per fetch: a quiet VM's few bytes must still arrive once
+    # the fetch's wait is over, without more data behind them.
+    spec = one_topic(vm_id)
+    async with Admin(source_cluster) as admin:
+        await admin.create_topics([spec])
+    tp = TopicPartition(spec.name, 0)
+    async with Consumer(source_cluster, fetch_min_bytes=8 * MiB, fetch_max_wait_ms=50) as consumer:
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        async with Producer(source_cluster) as producer:
+            await (await producer.send(spec.name, b"a quiet write"))
+        fetched: dict[TopicPartition, list[Any]] = {}
+        for _ in range(10):
+            fetched = await consumer.getmany(tp, timeout_ms=1000)
+            if fetched:
+                break
+        assert [record.value for record in fetched.get(tp, [])] == [b"a quiet write"]
 
 
 async def test_a_newer_transactional_producer_fences_the_older_one(

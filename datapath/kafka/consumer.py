@@ -45,6 +45,7 @@ class Consumer(AsyncClient):
         max_partition_fetch_bytes: int = DEFAULT_MAX_PARTITION_FETCH_BYTES,
         fetch_max_bytes: int = 64 * 1024 * 1024,
         fetch_max_wait_ms: int = 200,
+        fetch_min_bytes: int = 1,
         request_timeout_ms: int = 30_000,
         client_id: str | None = None,
         group_instance_id: str | None = None,
@@ -58,6 +59,9 @@ class Consumer(AsyncClient):
         long the group waits for a silent member (heartbeats go at a quarter of it);
         ``metadata_max_age_ms`` bounds how late topics created after the subscription are
         noticed.
+
+        A fetch returns once ``fetch_min_bytes`` are there or ``fetch_max_wait_ms`` has
+        passed: with the default of 1 byte, every new message ends a waiting fetch.
         """
         self.cluster = cluster
         self.group_id = group_id
@@ -71,6 +75,7 @@ class Consumer(AsyncClient):
             "max_partition_fetch_bytes": max_partition_fetch_bytes,
             "fetch_max_bytes": fetch_max_bytes,
             "fetch_max_wait_ms": fetch_max_wait_ms,
+            "fetch_min_bytes": fetch_min_bytes,
             "request_timeout_ms": request_timeout_ms,
             # Not checked here: every journal frame and batch carries a CRC32C of its
             # own, checked by the part that decodes it (the receiver, the applier), end to

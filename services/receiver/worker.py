@@ -194,7 +194,8 @@ class Receiver:
             session_timeout_ms=self.settings.session_timeout_ms,
             # Tap topics created after the receiver started are picked up within this time.
             metadata_max_age_ms=30_000,
-            fetch_max_wait_ms=min(100, int(self.settings.batch_interval_s * 1000)),
+            fetch_min_bytes=self.settings.fetch_min_bytes,
+            fetch_max_wait_ms=self.settings.fetch_max_wait_ms,
         )
         await self._consumer.start()
         # The listener fences the previous owner's transactions and reloads each VM's
