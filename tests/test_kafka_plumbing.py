@@ -317,6 +317,16 @@ def one_topic(vm_id: str, *, max_message_bytes: int = 8 * MiB) -> TopicSpec:
     return spec
 
 
+async def created_topic(
+    cluster: KafkaClusterSettings, vm_id: str, *, max_message_bytes: int = 8 * MiB
+) -> TopicSpec:
+    """`one_topic`, created on `cluster`."""
+    spec = one_topic(vm_id, max_message_bytes=max_message_bytes)
+    async with Admin(cluster) as admin:
+        await admin.create_topics([spec])
+    return spec
+
+
 async def test_create_topics_is_idempotent_and_refuses_a_different_config(
     source_cluster: KafkaClusterSettings, vm_id: str
 ) -> None:
@@ -362,9 +372,7 @@ async def test_producing_to_a_missing_topic_is_fatal(source_cluster: KafkaCluste
 async def test_oversized_records_raise_message_too_large(
     source_cluster: KafkaClusterSettings, vm_id: str
 ) -> None:
-    spec = one_topic(vm_id, max_message_bytes=64 * KiB)
-    async with Admin(source_cluster) as admin:
-        await admin.create_topics([spec])
+    spec = await created_topic(source_cluster, vm_id, max_message_bytes=64 * KiB)
     async with Producer(source_cluster, max_request_size=MiB) as producer:
         # Refused by the broker: larger than the topic's max.message.bytes.
         with pytest.raises(MessageTooLarge):
@@ -386,9 +394,7 @@ async def test_a_producer_keeps_few_records_unacknowledged_and_loses_none(
     source_cluster: KafkaClusterSettings, vm_id: str
 ) -> None:
     # More would make librdkafka's broker thread busy-poll (see MAX_UNACKED_RECORDS).
-    spec = one_topic(vm_id)
-    async with Admin(source_cluster) as admin:
-        await admin.create_topics([spec])
+    spec = await created_topic(source_cluster, vm_id)
     values = [bytes([i]) * (64 * KiB) for i in range(40)]
     most = 0
     async with Producer(source_cluster, linger_ms=0) as producer:
@@ -407,9 +413,7 @@ async def test_a_producer_keeps_few_records_unacknowledged_and_loses_none(
 async def test_a_send_waiting_for_room_fails_when_the_producer_is_aborted(
     source_cluster: KafkaClusterSettings, vm_id: str
 ) -> None:
-    spec = one_topic(vm_id)
-    async with Admin(source_cluster) as admin:
-        await admin.create_topics([spec])
+    spec = await created_topic(source_cluster, vm_id)
 
     class Unanswered:
         """librdkafka, but the records it takes are never acknowledged."""
@@ -439,9 +443,7 @@ async def test_a_send_waiting_for_room_fails_when_the_producer_is_aborted(
 async def test_zstd_compressed_records_round_trip(
     source_cluster: KafkaClusterSettings, vm_id: str
 ) -> None:
-    spec = one_topic(vm_id)
-    async with Admin(source_cluster) as admin:
-        await admin.create_topics([spec])
+    spec = await created_topic(source_cluster, vm_id)
     values = [bytes([i]) * (256 * KiB) for i in range(6)]
     async with Producer(source_cluster, compression_type="zstd", linger_ms=50) as producer:
         deliveries = [await producer.send(spec.name, value, key=b"k") for value in values]
@@ -465,9 +467,7 @@ async def test_a_fetch_waiting_for_more_bytes_still_returns_a_small_record(
 ) -> None:
     # The receiver asks for 1 MiB per fetch: a quiet VM's few bytes must still arrive once
     # the fetch's wait is over, without more data behind them.
-    spec = one_topic(vm_id)
-    async with Admin(source_cluster) as admin:
-        await admin.create_topics([spec])
+    spec = await created_topic(source_cluster, vm_id)
     tp = TopicPartition(spec.name, 0)
     async with Consumer(source_cluster, fetch_min_bytes=8 * MiB, fetch_max_wait_ms=50) as consumer:
         consumer.assign([tp])
@@ -485,9 +485,7 @@ async def test_a_fetch_waiting_for_more_bytes_still_returns_a_small_record(
 async def test_a_newer_transactional_producer_fences_the_older_one(
     target_cluster: KafkaClusterSettings, vm_id: str
 ) -> None:
-    spec = one_topic(vm_id)
-    async with Admin(target_cluster) as admin:
-        await admin.create_topics([spec])
+    spec = await created_topic(target_cluster, vm_id)
     txn_id = f"dm-tx-{vm_id}"
     async with TransactionalProducer(target_cluster, transactional_id=txn_id) as old:
         async with old.transaction():
