@@ -206,8 +206,12 @@ async def test_an_idle_vm_publishes_heartbeats_in_its_gapless_sequence(
         await run(
             "qemu-io", "-f", "raw", nbd_uri(tap.nbd_port, vm_id, "d0"), "-c", "write -P 0x11 0 64k"
         )
+        # Heartbeats may already have been numbered while qemu-io ran: count from here.
         written = vm_tap.last_seq_assigned
-        await wait_until(lambda: vm_tap.stats.heartbeats >= 3, "three heartbeats", 30)
+        before = vm_tap.stats.heartbeats
+        await wait_until(
+            lambda: vm_tap.stats.heartbeats >= before + 3, "three heartbeats after the write", 30
+        )
         await wait_caught_up(tap, vm_id)
         beats = vm_tap.stats.heartbeats
         result, replays = await replay_onto_files(source_cluster, vm_id, disks, tmp_path / "r")
