@@ -470,6 +470,9 @@ async def test_a_fetch_waiting_for_more_bytes_still_returns_a_small_record(
     spec = await created_topic(source_cluster, vm_id)
     tp = TopicPartition(spec.name, 0)
     async with Consumer(source_cluster, fetch_min_bytes=8 * MiB, fetch_max_wait_ms=50) as consumer:
+        # What the fetch requests carry: the driver's fetcher got both bounds.
+        fetcher = consumer.driver._fetcher
+        assert (fetcher._fetch_min_bytes, fetcher._fetch_max_wait_ms) == (8 * MiB, 50)
         consumer.assign([tp])
         await consumer.seek_to_beginning(tp)
         async with Producer(source_cluster) as producer:
