@@ -53,9 +53,13 @@ async def test_receiver_batches_three_vms_gapless_and_equal_to_the_raw_writes(
     # Frames published before the receiver starts are read from the beginning.
     for vm, stream in streams.items():
         await publish(source_cluster, vm, [stream.frame(30, hot_blocks=8) for _ in range(5)])
-    receiver = Receiver(receiver_settings(plan))
+    receiver = Receiver(receiver_settings(plan, fetch_min_bytes=512 * 1024, fetch_max_wait_ms=30))
     await receiver.start()
     try:
+        # The fetch bounds are the receiver's settings, not the driver's defaults.
+        assert receiver._consumer is not None
+        fetcher = receiver._consumer.driver._fetcher
+        assert (fetcher._fetch_min_bytes, fetcher._fetch_max_wait_ms) == (512 * 1024, 30)
         for round_ in range(4):
             for vm, stream in streams.items():
                 frames = [stream.frame(20, hot_blocks=16) for _ in range(5)]
