@@ -7,9 +7,10 @@ Prints one JSON line:
   stage had passed on the last write (`throughput_stages_done_s`, seconds from the
   start: the guest's writes, the tap's publishing, the receiver's batches, the
   transceiver's copy, the applier), sampled from the services' `/status` every 200 ms,
-  and how often the tap fell back to its dirty bitmap meanwhile (`throughput_tap_outages`:
-  its buffer full, so the rest travelled in a resync, which the applier applies whole
-  once complete): the stage that finishes long after the one before it limits the run.
+  and how often the tap fell back to its dirty bitmap meanwhile (`throughput_tap_overflows`:
+  its buffer full, so what the guest wrote until it drained travelled in a resync, which
+  the applier applies whole once complete; `throughput_tap_outages`: sessions that
+  ended): the stage that finishes long after the one before it limits the run.
   And the CPU each part used meanwhile per MB of guest data (`throughput_cpu_ms_per_mb`,
   from `/proc`: the brokers, the services, `other` for the rest of the machine, the
   kernel's write-back threads among it, and `machine` for all of it): 2 cores give 2000
@@ -253,12 +254,12 @@ def main() -> int:
             wait_drained(http, endpoints, "bench", timeout=300)
             written = protected = float("nan")
             stages: dict[str, float] = {}
-            outages = 0
+            outages = overflows = 0
             cpu = CpuAccount(
                 {name: pid for name, pid in endpoints.pids.items() if name != "supervisor"}
             )
             if not args.rpo_only:
-                outages_before = replication_positions(http, endpoints, "bench")[0]["outages"]
+                tap_before = replication_positions(http, endpoints, "bench")[0]
                 with StageTimeline(endpoints, "bench") as timeline:
                     cpu.start()
                     start = time.monotonic()
@@ -272,8 +273,9 @@ def main() -> int:
                     "guest_writes": round(written, 1),
                     **timeline.done_at(last_seq, round(protected, 1)),
                 }
-                outages = replication_positions(http, endpoints, "bench")[0]["outages"]
-                outages -= outages_before
+                tap_after = replication_positions(http, endpoints, "bench")[0]
+                outages = tap_after["outages"] - tap_before["outages"]
+                overflows = tap_after["overflows"] - tap_before["overflows"]
                 # Likewise the throughput run's writes (Kafka logs, disks): a steady
                 # 20 MB/s does not leave a gigabyte to write back at once.
                 os.sync()
@@ -345,6 +347,7 @@ def main() -> int:
         "goal_protected_mb_s": 150,
         "throughput_stages_done_s": None if args.rpo_only else stages,
         "throughput_tap_outages": None if args.rpo_only else outages,
+        "throughput_tap_overflows": None if args.rpo_only else overflows,
         "throughput_cpu_ms_per_mb": None if args.rpo_only else cpu.ms_per_mb(mb),
         "rpo_at_20mb_s_p50_ms": round(percentile(rpos, 0.5) * 1000, 1),
         "rpo_at_20mb_s_p99_ms": round(percentile(rpos, 0.99) * 1000, 1),

@@ -281,6 +281,7 @@ def main() -> None:
                 "frames": frames,
                 "last_seq": status["last_seq_acknowledged"],
                 "outages": status["outages"],
+                "overflows": status["overflows"],
                 # Writes that waited for an activity log transaction (fdatasync).
                 "activity_log_commits": _metric(
                     metrics, "datamover_tap_activity_log_commits_total"

@@ -7,11 +7,13 @@ Uses a private broker (it is killed), never the session's shared one."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import generate_latest
 from tap_helpers import (
     DiskSpec,
     MiB,
@@ -150,3 +152,68 @@ async def test_back_pressure_policy_makes_the_guest_wait_instead_of_tracking(
     result, replays = await replay_onto_files(cluster, vm_id, disks, tmp_path / "r")
     assert_replay_equals_source(result, [(disks[0].path, replays[0])])
     assert result.bytes["WRITE"] >= 8 * 4 * MiB
+
+
+async def test_buffer_overflow_keeps_the_session_and_resyncs_what_it_did_not_take(
+    source_cluster: KafkaClusterSettings, vm_id: str, tmp_path: Path
+) -> None:
+    # Each 4 MiB write alone is more than the 2 MiB buffer: the first one that reaches a
+    # session taking writes overflows it.
+    disks = [DiskSpec("d0", tmp_path / "src.img", 32 * MiB)]
+    plan = write_plan(tmp_path / "plan.yaml", source_cluster, vm_id, disks)
+    settings = tap_settings(tmp_path, plan, buffer_max_bytes=2 * MiB, frame_max_bytes=256 * 1024)
+    async with running_tap(settings) as tap:
+        vm = tap.taps[vm_id]
+        await wait_caught_up(tap, vm_id)
+        epoch = vm.epoch
+        uri = nbd_uri(tap.nbd_port, vm_id, "d0")
+        for i in range(8):
+            await run("qemu-io", "-f", "raw", uri, "-c", f"write -P {i + 1} {i * 4}M 4M")
+        await wait_caught_up(tap, vm_id)
+        stats = vm.stats
+        assert stats.overflows >= 1
+        assert stats.outages == 0, "an overflow must not end the publishing session"
+        assert vm.epoch == epoch
+        metrics = generate_latest(tap.registry).decode()
+        assert f'datamover_tap_buffer_overflows_total{{vm="{vm_id}"}} {stats.overflows}' in metrics
+    result, replays = await replay_onto_files(source_cluster, vm_id, disks, tmp_path / "r")
+    assert_replay_equals_source(result, [(disks[0].path, replays[0])])
+    assert result.epochs == [epoch]
+    # The first full sync, then at least one resync of what was written while draining.
+    assert len(result.resyncs_completed) >= 2
+
+
+async def test_buffer_overflow_inside_a_resync_bracket_abandons_it_for_a_new_one(
+    source_cluster: KafkaClusterSettings, vm_id: str, tmp_path: Path
+) -> None:
+    source = tmp_path / "src.img"
+    with source.open("wb") as f:  # data the first full sync reads, slowly (paced)
+        f.write(os.urandom(16 * MiB))
+        f.truncate(32 * MiB)
+    disks = [DiskSpec("d0", source, 32 * MiB)]
+    plan = write_plan(tmp_path / "plan.yaml", source_cluster, vm_id, disks)
+    settings = tap_settings(
+        tmp_path,
+        plan,
+        buffer_max_bytes=2 * MiB,
+        frame_max_bytes=256 * 1024,
+        resync_max_bytes_per_s=4 * MiB,
+    )
+    async with running_tap(settings) as tap:
+        vm = tap.taps[vm_id]
+
+        def syncing() -> bool:
+            return vm.mode is Mode.RESYNCING and vm.resync is not None and vm.resync.done_bytes > 0
+
+        await wait_until(syncing, "the full sync under way")
+        first = vm.resync
+        uri = nbd_uri(tap.nbd_port, vm_id, "d0")
+        await run("qemu-io", "-f", "raw", uri, "-c", "write -P 7 16M 4M")
+        assert vm.stats.overflows == 1
+        assert first is not None and first.state == "abandoned"
+        await wait_caught_up(tap, vm_id)
+        assert vm.stats.outages == 0
+    result, replays = await replay_onto_files(source_cluster, vm_id, disks, tmp_path / "r")
+    assert_replay_equals_source(result, [(disks[0].path, replays[0])])
+    assert result.resyncs_abandoned == [first.marker_id]
+    assert len(result.epochs) == 1

@@ -80,6 +80,7 @@ class Resync:
         self.started_at = time.monotonic()
         self.finished_at: float | None = None
         self.state = "running"
+        self.abandoned = False
         self.marker_id = self._start_marker()
         log.info(
             "VM %s: %s started (marker %d, %d bytes dirty)",
@@ -104,6 +105,16 @@ class Resync:
             marker_id=marker_id,
         )
         return marker_id
+
+    def abandon(self) -> None:
+        """The tap stopped taking writes while the bracket was open: it must never end
+        (nor clear a bit). Set synchronously, so it holds even where a cancellation of
+        the task running it is lost (asyncio.wait_for may swallow one)."""
+        self.abandoned = True
+        self.state = "abandoned"
+
+    def _going_on(self) -> bool:
+        return self.session.active and not self.abandoned
 
     @property
     def kind(self) -> str:
@@ -139,7 +150,6 @@ class Resync:
             self.state = "failed"
             raise
         finally:
-            self.vm.window = None
             self.finished_at = time.monotonic()
         return completed
 
@@ -152,10 +162,13 @@ class Resync:
                 pos = offset
                 end = offset + length
                 while pos < end:
-                    if not await vm.wait_for_room(session, room):
+                    if not await vm.wait_for_room(session, room) or self.abandoned:
                         self.state = "abandoned"
                         return False
                     pos = await self._sync_step(disk, pos, end)
+        if not self._going_on():
+            self.state = "abandoned"
+            return False
         end_seq = vm.emit(
             session,
             RecordKind.MARKER,
@@ -170,7 +183,7 @@ class Resync:
         if not await vm.wait_acked(session, end_seq):
             self.state = "abandoned"
             return False
-        if vm.session is not session:
+        if self.abandoned or vm.publishing is not session:
             self.state = "abandoned"
             return False
         for disk in vm.disks:
@@ -192,7 +205,7 @@ class Resync:
         returns where the next step starts."""
         vm = self.vm
         session = self.session
-        if not session.active:
+        if not self._going_on():
             return end
         first = next(iter(disk.backend.allocated_extents(pos, end - pos)))
         if first.zero:
@@ -204,7 +217,7 @@ class Resync:
         size = min(first.length, self.chunk_bytes)
         await self._pace(size)
         data = await self._stable_read(disk, pos, size)
-        if session.active:
+        if self._going_on():
             self._publish_data(disk, pos, data)
         self.done_bytes += size
         return pos + size
@@ -228,7 +241,9 @@ class Resync:
             try:
                 data = await asyncio.to_thread(disk.backend.read, offset, length)
             finally:
-                vm.window = None
+                # Only its own: a resync abandoned mid-read unwinds after the next began.
+                if vm.window is window:
+                    vm.window = None
             if not window.conflict:
                 return data
             self.reads_retried += 1

@@ -57,7 +57,13 @@ class _TapCollector(Collector):
         )
         outages = CounterMetricFamily(
             "datamover_tap_outages",
-            "Publishing sessions that ended in an error (Kafka down, buffer full, timeout).",
+            "Publishing sessions that ended in an error (Kafka down, a timeout).",
+            labels=["vm"],
+        )
+        overflows = CounterMetricFamily(
+            "datamover_tap_buffer_overflows",
+            "Times the unacknowledged bytes passed buffer_max_bytes and writes were tracked "
+            "in the bitmap until the buffer drained (policy track).",
             labels=["vm"],
         )
         resyncs = CounterMetricFamily(
@@ -111,6 +117,7 @@ class _TapCollector(Collector):
             frames.add_metric([vm], stats.frames)
             frame_bytes.add_metric([vm], stats.frame_bytes)
             outages.add_metric([vm], stats.outages)
+            overflows.add_metric([vm], stats.overflows)
             resyncs.add_metric([vm], stats.resyncs_completed)
             heartbeats.add_metric([vm], stats.heartbeats)
             writebacks.add_metric([vm], stats.writebacks)
@@ -137,6 +144,6 @@ class _TapCollector(Collector):
             for each in Mode:
                 mode.add_metric([vm, each.value], 1 if each is current else 0)
         yield from (ops, op_bytes, frames, frame_bytes, outages, resyncs, heartbeats)
-        yield from (writebacks, al_commits)
+        yield from (overflows, writebacks, al_commits)
         yield from gauges.values()
         yield mode

@@ -14,17 +14,23 @@ step 2 (FUA and FLUSH also make the source disk durable); Kafka is never waited 
 except under the back-pressure policy.
 
 Modes:
-- `tracking`: no publishing session (Kafka unreachable, buffer overflowed, or not yet
-  connected after a start). Writes mark the dirty bitmap instead of being published.
+- `tracking`: no session takes writes (Kafka unreachable, not yet connected after a
+  start, or the session's buffer overflowed and is draining). Writes mark the dirty
+  bitmap instead of being published.
 - `live`: writes are published.
 - `resyncing`: live, and a resync bracket is being published as well (dirty regions
   read from the source disk, see `vib.resync`).
 
-A session ends on the first publishing failure, on an acknowledgement overdue by
-`outage_timeout_s`, or (policy `track`) when the unacknowledged bytes exceed
-`buffer_max_bytes`. Then every record not acknowledged has its region marked dirty, the
+A session ends on the first publishing failure or on an acknowledgement overdue by
+`outage_timeout_s`. Then every record not acknowledged has its region marked dirty, the
 producer is dropped, and the tap reconnects: a new epoch, the sequence continuing from
 the last frame in the topic, and a resync of everything dirty.
+
+An overflow (policy `track`: more than `buffer_max_bytes` unacknowledged) does not end
+the session: it stops taking writes (they mark the bitmap; an open resync bracket is
+abandoned, to be superseded), what it holds is still sent and acknowledged, and once it
+holds at most half the buffer it takes writes again, behind a resync of what changed
+meanwhile. Nothing that reached the session is sent twice.
 
 Local generations: every data-changing guest write also gets a local generation number
 `gen`. A write is *safe* once it is acknowledged by Kafka or durably marked in the bitmap;
@@ -106,10 +112,6 @@ class Mode(StrEnum):
     RESYNCING = "resyncing"
 
 
-class BufferFull(SessionFailed):
-    """More unacknowledged bytes than buffer_max_bytes (policy `track`)."""
-
-
 class AckOverdue(SessionFailed):
     """A frame stayed unacknowledged longer than outage_timeout_s."""
 
@@ -181,6 +183,7 @@ class VmStats:
     frames: int = 0
     frame_bytes: int = 0
     outages: int = 0
+    overflows: int = 0
     resyncs_completed: int = 0
     heartbeats: int = 0
     writebacks: int = 0
@@ -222,6 +225,8 @@ class VmTap:
         )
         self._policy = settings.outage_policy
         self._buffer_max = settings.buffer_max_bytes
+        # An overflowed session takes writes again once it holds at most this much.
+        self._resume_bytes = settings.buffer_max_bytes // 2
         # A frame (one Kafka message) must fit the topic's max.message.bytes; one record may
         # exceed the frame bound by its header: the bound leaves room.
         self._frame_max = min(settings.frame_max_bytes, vm.journal.max_message_bytes - (128 << 10))
@@ -236,12 +241,15 @@ class VmTap:
         self._unflushed_min = 0
         self._flushing_min = 0
         self._bitmap_lock = asyncio.Lock()
+        # The session that takes writes; after an overflow, the one draining instead.
         self._session: PublishSession | None = None
+        self._draining: PublishSession | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._session_ended: asyncio.Future[None] | None = None
         self._progress_waiters: list[asyncio.Future[None]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._resync_task: asyncio.Task[None] | None = None
+        self._resume_after: asyncio.Task[None] | None = None
         self.resync: Resync | None = None  # the current or last one
         self.window: ReadWindow | None = None
         # Between RESYNC_START and RESYNC_END: live writes also get transient marks.
@@ -338,7 +346,7 @@ class VmTap:
             return
         self._stopping = True
         await self._cancel_resync()
-        session = self._session
+        session = self.publishing
         sessions_task, *others = self._tasks
         for task in others:
             task.cancel()
@@ -391,7 +399,13 @@ class VmTap:
 
     @property
     def session(self) -> PublishSession | None:
+        """The session taking writes (None while tracking)."""
         return self._session
+
+    @property
+    def publishing(self) -> PublishSession | None:
+        """The producer session, whether it takes writes or drains after an overflow."""
+        return self._session or self._draining
 
     @property
     def last_seq_assigned(self) -> int:
@@ -399,12 +413,12 @@ class VmTap:
 
     @property
     def last_seq_acked(self) -> int:
-        session = self._session
+        session = self.publishing
         return session.acked_seq if session is not None else self._acked_seq
 
     @property
     def buffered_bytes(self) -> int:
-        session = self._session
+        session = self.publishing
         return session.buffered_bytes if session is not None else 0
 
     @property
@@ -439,6 +453,7 @@ class VmTap:
             "hot_extents": self.hot_extents,
             "activity_log_commits": self.activity_log_commits,
             "outages": self.stats.outages,
+            "overflows": self.stats.overflows,
             "full_sync_pending": self.full_sync_pending,
             "resync": resync.status() if resync is not None else None,
             "last_error": self.last_error,
@@ -673,8 +688,54 @@ class VmTap:
         self.stats.heartbeats += 1
 
     def _overflow(self, session: PublishSession) -> None:
-        if self._policy is OutagePolicy.TRACK:
-            session.fail(BufferFull(f"more than {self._buffer_max} bytes unacknowledged"))
+        """More than buffer_max_bytes unacknowledged (policy `track`): the session stops
+        taking writes until it has drained to half of that (see `_resume`)."""
+        if self._policy is not OutagePolicy.TRACK or self._session is not session:
+            return
+        self._session = None
+        self._draining = session
+        self.stats.overflows += 1
+        if self.bracket_open:
+            # Writes from now on are not in the sequence: the bracket must not complete
+            # without them. Its records stay in the sequence, and the resync after the
+            # drain supersedes it (the target applies both as one unit).
+            resync, task = self.resync, self._resync_task
+            if resync is not None:
+                resync.abandon()
+            if task is not None:
+                task.cancel()
+            self.bracket_open = False
+            for disk in self.disks:
+                disk.bitmap.abandon_snapshot()
+        log.warning(
+            "VM %s: more than %d bytes unacknowledged; tracking dirty regions until the "
+            "buffer drains to %d",
+            self.vm_id,
+            self._buffer_max,
+            self._resume_bytes,
+        )
+        self._wake_progress()
+
+    def _resume(self) -> None:
+        """The draining session takes writes again once it holds at most half the buffer,
+        behind a resync of what changed meanwhile, when the last resync has wound up."""
+        session = self._draining
+        if session is None or not session.active or session.buffered_bytes > self._resume_bytes:
+            return
+        task = self._resync_task
+        if task is not None and not task.done():
+            # An abandoned resync still unwinding, or one whose RESYNC_END awaits its
+            # acknowledgement: its bookkeeping must be settled before the next one starts.
+            if self._resume_after is not task:
+                self._resume_after = task
+                task.add_done_callback(lambda _: self._resume())
+            return
+        self._draining = None
+        self._session = session
+        log.info("VM %s: buffer drained; publishing again", self.vm_id)
+        if any(disk.bitmap.any() for disk in self.disks):
+            self._start_resync(session)
+        self._wake_progress()
 
     async def wait_for_room(self, session: PublishSession, limit: int) -> bool:
         """Waits until the session buffers less than `limit` bytes; False if it ended."""
@@ -699,8 +760,11 @@ class VmTap:
         """Returns on the next acknowledgement or session change, or after `wait_s`."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._progress_waiters.append(fut)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(fut, wait_s)
+        # Not asyncio.wait_for: it swallows a cancellation that meets the wake-up.
+        await asyncio.wait((fut,), timeout=wait_s)
+        if not fut.done():
+            fut.cancel()
+            self._progress_waiters.remove(fut)
 
     def _wake_progress(self) -> None:
         waiters, self._progress_waiters = self._progress_waiters, []
@@ -716,7 +780,7 @@ class VmTap:
         for gen in (self._unflushed_min, self._flushing_min):
             if gen and gen - 1 < covered:
                 covered = gen - 1
-        session = self._session
+        session = self.publishing
         if session is not None:
             gen = session.oldest_unacked_gen()
             if gen and gen - 1 < covered:
@@ -828,6 +892,8 @@ class VmTap:
 
     def _acked(self, seq: int) -> None:
         self._acked_seq = seq
+        if self._draining is not None:
+            self._resume()
         if self._progress_waiters:
             self._wake_progress()
 
@@ -838,9 +904,10 @@ class VmTap:
             self._on_frame_acked(self.vm_id, size, latency)
 
     def _session_failed(self, session: PublishSession, exc: BaseException) -> None:
-        if self._session is not session:
+        if self.publishing is not session:
             return
         self._session = None
+        self._draining = None
         unacked_gen = session.oldest_unacked_gen()
         marked = 0
         for index, offset, length in session.unacked_regions():
@@ -890,12 +957,13 @@ class VmTap:
             log.error("VM %s: resync failed reading the source: %s", self.vm_id, exc)
             session.fail(SessionFailed(f"resync failed: {exc}"))
             return
-        if not completed or self._session is not session:
+        if not completed or self.publishing is not session:
             return
         self.stats.resyncs_completed += 1
         if full and requests == self._full_sync_requests:
             self.state.set_full_sync(None)
-        if any(disk.bitmap.any() for disk in self.disks):
+        # While the session drains after an overflow, the next resync waits for `_resume`.
+        if self._session is session and any(disk.bitmap.any() for disk in self.disks):
             self._start_resync(session)
 
     async def _cancel_resync(self) -> None:
@@ -966,7 +1034,7 @@ class VmTap:
         quiet_since, seen_seq = time.monotonic(), self._next_seq
         while True:
             await asyncio.sleep(min(_HOUSEKEEPING_TICK_S, heartbeat_every or _HOUSEKEEPING_TICK_S))
-            session = self._session
+            session = self.publishing
             if session is not None and session.oldest_unacked_age() > outage_timeout:
                 session.fail(AckOverdue(f"no acknowledgement for {outage_timeout:.0f}s"))
             now = time.monotonic()
