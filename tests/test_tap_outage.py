@@ -157,8 +157,8 @@ async def test_back_pressure_policy_makes_the_guest_wait_instead_of_tracking(
 async def test_buffer_overflow_keeps_the_session_and_resyncs_what_it_did_not_take(
     source_cluster: KafkaClusterSettings, vm_id: str, tmp_path: Path
 ) -> None:
-    # Each 4 MiB write alone is more than the 2 MiB buffer: the first one that reaches a
-    # session taking writes overflows it.
+    # Each 4 MiB write alone is more than the 2 MiB buffer: the first one overflows it, and
+    # the others, in flight with it, reach the tap while the session drains.
     disks = [DiskSpec("d0", tmp_path / "src.img", 32 * MiB)]
     plan = write_plan(tmp_path / "plan.yaml", source_cluster, vm_id, disks)
     settings = tap_settings(tmp_path, plan, buffer_max_bytes=2 * MiB, frame_max_bytes=256 * 1024)
@@ -167,8 +167,10 @@ async def test_buffer_overflow_keeps_the_session_and_resyncs_what_it_did_not_tak
         await wait_caught_up(tap, vm_id)
         epoch = vm.epoch
         uri = nbd_uri(tap.nbd_port, vm_id, "d0")
-        for i in range(8):
-            await run("qemu-io", "-f", "raw", uri, "-c", f"write -P {i + 1} {i * 4}M 4M")
+        writes = [("-c", f"aio_write -P {i + 1} {i * 4}M 4M") for i in range(8)]
+        await run(
+            "qemu-io", "-f", "raw", uri, *(arg for w in writes for arg in w), "-c", "aio_flush"
+        )
         await wait_caught_up(tap, vm_id)
         stats = vm.stats
         assert stats.overflows >= 1
