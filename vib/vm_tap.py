@@ -64,6 +64,7 @@ from datapath.storage.fd import FdBackend
 from vib.activity_log import ActivityLog
 from vib.dirty_bitmap import DirtyBitmap
 from vib.publisher import FrameSink, PublishSession, SessionFailed
+from vib.resume_gate import ResumeGate
 from vib.resync import ReadWindow, Resync
 from vib.settings import OutagePolicy, TapSettings
 from vib.tap_state import TapState
@@ -250,6 +251,8 @@ class VmTap:
         self._tasks: list[asyncio.Task[None]] = []
         self._resync_task: asyncio.Task[None] | None = None
         self._resume_after: asyncio.Task[None] | None = None
+        self._resume_gate = ResumeGate()
+        self._resume_deferred = False
         self.resync: Resync | None = None  # the current or last one
         self.window: ReadWindow | None = None
         # Between RESYNC_START and RESYNC_END: live writes also get transient marks.
@@ -454,6 +457,7 @@ class VmTap:
             "activity_log_commits": self.activity_log_commits,
             "outages": self.stats.outages,
             "overflows": self.stats.overflows,
+            "overflowed": self._draining is not None,
             "full_sync_pending": self.full_sync_pending,
             "resync": resync.status() if resync is not None else None,
             "last_error": self.last_error,
@@ -695,6 +699,14 @@ class VmTap:
         self._session = None
         self._draining = session
         self.stats.overflows += 1
+        stats = self.stats
+        self._resume_gate.paused(
+            time.monotonic(),
+            stats.frame_bytes,
+            stats.write_bytes,
+            abandoned_bracket=self.bracket_open,
+        )
+        self._resume_deferred = False
         if self.bracket_open:
             # Writes from now on are not in the sequence: the bracket must not complete
             # without them. Its records stay in the sequence, and the resync after the
@@ -717,10 +729,25 @@ class VmTap:
         self._wake_progress()
 
     def _resume(self) -> None:
-        """The draining session takes writes again once it holds at most half the buffer,
-        behind a resync of what changed meanwhile, when the last resync has wound up."""
+        """The draining session takes writes again once it holds at most half the buffer
+        and the guest writes slower than Kafka drained it (`vib.resume_gate`), behind a
+        resync of what changed meanwhile, when the last resync has wound up."""
         session = self._draining
         if session is None or not session.active or session.buffered_bytes > self._resume_bytes:
+            return
+        gate = self._resume_gate
+        stats = self.stats
+        if not gate.may_resume(time.monotonic(), stats.frame_bytes, stats.write_bytes):
+            if not self._resume_deferred:
+                self._resume_deferred = True
+                log.info(
+                    "VM %s: the guest writes %.0f MB/s, Kafka took %.0f MB/s: tracking until "
+                    "the guest slows down (or for %.0f s)",
+                    self.vm_id,
+                    gate.guest_rate / 1e6,
+                    (gate.kafka_rate or 0) / 1e6,
+                    gate.probe_after_s,
+                )
             return
         task = self._resync_task
         if task is not None and not task.done():
@@ -960,6 +987,7 @@ class VmTap:
         if not completed or self.publishing is not session:
             return
         self.stats.resyncs_completed += 1
+        self._resume_gate.resync_completed()
         if full and requests == self._full_sync_requests:
             self.state.set_full_sync(None)
         # While the session drains after an overflow, the next resync waits for `_resume`.
@@ -1038,6 +1066,9 @@ class VmTap:
             if session is not None and session.oldest_unacked_age() > outage_timeout:
                 session.fail(AckOverdue(f"no acknowledgement for {outage_timeout:.0f}s"))
             now = time.monotonic()
+            self._resume_gate.sample(now, self.stats.write_bytes)
+            if self._draining is not None:
+                self._resume()
             if self._next_seq != seen_seq:
                 quiet_since, seen_seq = now, self._next_seq
             elif heartbeat_every and now - quiet_since >= heartbeat_every:
