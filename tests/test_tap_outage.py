@@ -219,6 +219,9 @@ async def test_buffer_overflow_inside_a_resync_bracket_abandons_it_for_a_new_one
     assert_replay_equals_source(result, [(disks[0].path, replays[0])])
     assert result.resyncs_abandoned == [first.marker_id]
     assert len(result.epochs) == 1
+    # The overflowing write was dropped with the bracket's other records not yet framed
+    # (its region travelled in the next bracket): none of it went out as a WRITE.
+    assert result.bytes["WRITE"] == 0
 
 
 async def test_a_guest_that_outruns_kafka_is_tracked_until_it_slows_down(

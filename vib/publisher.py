@@ -122,6 +122,25 @@ class PublishSession:
             if full is not None and not full.done():
                 full.set_result(None)
 
+    def discard_from(self, seq: int) -> int | None:
+        """Drops the records numbered `seq` or later that are not framed yet (none has
+        left the tap); returns the first dropped number, None if none was dropped.
+
+        For records whose content travels again anyway (an abandoned resync bracket's):
+        the caller numbers its next record with the returned number, so the sequence
+        stays gapless."""
+        pending = self._pending
+        cut = len(pending)
+        while cut and pending[cut - 1].seq >= seq:
+            cut -= 1
+        if cut == len(pending):
+            return None
+        first = pending[cut].seq
+        self._pending_bytes -= sum(RECORD_HEADER_SIZE + len(r.data) for r in pending[cut:])
+        del pending[cut:]
+        del self._gens[cut:]
+        return first
+
     @property
     def buffered_bytes(self) -> int:
         return self._pending_bytes + self._inflight_bytes

@@ -29,8 +29,9 @@ the last frame in the topic, and a resync of everything dirty.
 An overflow (policy `track`: more than `buffer_max_bytes` unacknowledged) does not end
 the session: it stops taking writes (they mark the bitmap; an open resync bracket is
 abandoned, to be superseded), what it holds is still sent and acknowledged, and once it
-holds at most half the buffer it takes writes again, behind a resync of what changed
-meanwhile. Nothing that reached the session is sent twice.
+holds at most half the buffer and the guest writes slower than Kafka drained it
+(`vib.resume_gate`), it takes writes again, behind a resync of what changed meanwhile.
+Nothing that reached the session is sent twice.
 
 Local generations: every data-changing guest write also gets a local generation number
 `gen`. A write is *safe* once it is acknowledged by Kafka or durably marked in the bitmap;
@@ -698,8 +699,8 @@ class VmTap:
             return
         self._session = None
         self._draining = session
-        self.stats.overflows += 1
         stats = self.stats
+        stats.overflows += 1
         self._resume_gate.paused(
             time.monotonic(),
             stats.frame_bytes,
@@ -709,11 +710,17 @@ class VmTap:
         self._resume_deferred = False
         if self.bracket_open:
             # Writes from now on are not in the sequence: the bracket must not complete
-            # without them. Its records stay in the sequence, and the resync after the
-            # drain supersedes it (the target applies both as one unit).
+            # without them. Its records already sent stay in the sequence, and the resync
+            # after the drain supersedes it (the target applies both as one unit).
             resync, task = self.resync, self._resync_task
             if resync is not None:
                 resync.abandon()
+                # Its records not framed yet are dropped (numbered again from the first
+                # of them): every region they carry keeps its bit, and the next bracket
+                # sends it again; draining them would only delay that one.
+                first = session.discard_from(resync.marker_id)
+                if first is not None:
+                    self._next_seq = first
             if task is not None:
                 task.cancel()
             self.bracket_open = False
