@@ -107,9 +107,9 @@ class Resync:
         return marker_id
 
     def abandon(self) -> None:
-        """The tap stopped taking writes while the bracket was open: it must never end
-        (nor clear a bit). Set synchronously, so it holds even where a cancellation of
-        the task running it is lost (asyncio.wait_for may swallow one)."""
+        """The bracket must never end (nor clear a bit): the tap stopped publishing, or
+        stopped taking writes while it was open. Set synchronously, so it holds even where
+        a cancellation of the task running it is lost."""
         self.abandoned = True
         self.state = "abandoned"
 

@@ -712,20 +712,15 @@ class VmTap:
             # Writes from now on are not in the sequence: the bracket must not complete
             # without them. Its records already sent stay in the sequence, and the resync
             # after the drain supersedes it (the target applies both as one unit).
-            resync, task = self.resync, self._resync_task
+            resync = self.resync
             if resync is not None:
-                resync.abandon()
                 # Its records not framed yet are dropped (numbered again from the first
                 # of them): every region they carry keeps its bit, and the next bracket
                 # sends it again; draining them would only delay that one.
                 first = session.discard_from(resync.marker_id)
                 if first is not None:
                     self._next_seq = first
-            if task is not None:
-                task.cancel()
-            self.bracket_open = False
-            for disk in self.disks:
-                disk.bitmap.abandon_snapshot()
+            self._abandon_resync()
         log.warning(
             "VM %s: more than %d bytes unacknowledged; tracking dirty regions until the "
             "buffer drains to %d",
@@ -949,11 +944,7 @@ class VmTap:
             marked += 1
         if unacked_gen and (not self._unflushed_min or unacked_gen < self._unflushed_min):
             self._unflushed_min = unacked_gen
-        if self._resync_task is not None and not self._resync_task.done():
-            self._resync_task.cancel()
-        self.bracket_open = False
-        for disk in self.disks:
-            disk.bitmap.abandon_snapshot()
+        self._abandon_resync()
         if not self._stopping:
             self.stats.outages += 1
             self.last_error = f"publishing stopped: {exc}"
@@ -971,6 +962,19 @@ class VmTap:
         self._in_background(session.close())
 
     # -- resync ---------------------------------------------------------------------------
+
+    def _abandon_resync(self) -> None:
+        """Stops the resync under way for good: its bracket never ends and every bit stays
+        for the next one. Abandoned, not only cancelled: a cancellation can be lost
+        (asyncio.wait_for swallows one that meets the wake-up it waits for)."""
+        task = self._resync_task
+        if task is not None and not task.done():
+            if self.resync is not None:
+                self.resync.abandon()
+            task.cancel()
+        self.bracket_open = False
+        for disk in self.disks:
+            disk.bitmap.abandon_snapshot()
 
     def _start_resync(self, session: PublishSession) -> None:
         full = self.state.full_sync_pending
