@@ -4,7 +4,13 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DEB_PACKAGES := qemu-utils libnbd-bin nbdkit fio e2fsprogs postgresql python3-libnbd openjdk-17-jre-headless maven
+DEB_PACKAGES := qemu-utils libnbd-bin nbdkit fio e2fsprogs postgresql python3-libnbd openjdk-17-jre-headless maven gcc
+# The tap's C extension (vib/_fast_writes.c) builds against the Python's headers:
+# Debian's python3-dev provides them for Debian's Python (pyenv and the like ship theirs).
+PY_HEADERS := $(shell $(PYTHON) -c "import os, sysconfig; print(os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))" 2>/dev/null)
+ifneq ($(PY_HEADERS),True)
+DEB_PACKAGES += python3-dev
+endif
 KAFKA_LIB := deploy/kafka/lib
 
 .PHONY: setup deps-deb deps-python deps-kafka demo test lint format bench bench-quick clean lock
@@ -22,7 +28,7 @@ deps-deb:
 
 deps-python: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.lock pyproject.toml deploy/libnbd_into_venv.sh
+$(VENV)/.installed: requirements.lock pyproject.toml vib/_fast_writes.c deploy/libnbd_into_venv.sh
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.lock

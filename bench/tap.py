@@ -282,6 +282,8 @@ def main() -> None:
                 "last_seq": status["last_seq_acknowledged"],
                 "outages": status["outages"],
                 "overflows": status["overflows"],
+                # Writes that took the C write path (vib/_fast_writes.c).
+                "fast_writes": status["fast_writes"],
                 # Writes that waited for an activity log transaction (fdatasync).
                 "activity_log_commits": _metric(
                     metrics, "datamover_tap_activity_log_commits_total"

@@ -51,6 +51,8 @@ __all__ = [
     "decode_frame",
     "encode_batch",
     "encode_frame",
+    "encode_frame_body",
+    "encode_record_header",
     "encoded_record_size",
     "frame_header_size",
     "peek_frame_header",
@@ -323,13 +325,46 @@ def _record_problem(
 def _encode_record(parts: list[bytes | memoryview], rec: Record, index: int) -> int:
     """Append one record's wire parts to ``parts``; return the bytes appended."""
     data = rec.data
+    parts.append(
+        encode_record_header(
+            rec.kind,
+            rec.seq,
+            rec.disk,
+            rec.offset,
+            rec.length,
+            rec.ts_ns,
+            data,
+            rec.marker,
+            rec.marker_id,
+            record_index=index,
+        )
+    )
     data_len = data.nbytes if type(data) is memoryview else len(data)
-    marker = rec.marker
+    if data_len:
+        parts.append(data)
+    return RECORD_HEADER_SIZE + data_len
+
+
+def encode_record_header(
+    kind: RecordKind,
+    seq: int,
+    disk: int,
+    offset: int,
+    length: int,
+    ts_ns: int,
+    data: bytes | bytearray | memoryview = b"",
+    marker: MarkerKind | None = None,
+    marker_id: int = 0,
+    *,
+    record_index: int | None = None,
+) -> bytes:
+    """The RECORD_HEADER_SIZE bytes that precede a record's data on the wire (their CRC
+    covers the data too): a record is this header, then ``data``.
+
+    For writers that lay records out back to back as they come (the tap), then wrap them
+    with `encode_frame_body`; `encode_frame` does both for a list of Records."""
+    data_len = data.nbytes if type(data) is memoryview else len(data)
     marker_code = 0 if marker is None else int(marker)
-    kind = rec.kind
-    offset = rec.offset
-    length = rec.length
-    marker_id = rec.marker_id
     # Fast path for the common record (a plain write); anything else gets the full rules.
     if not (
         kind is RecordKind.WRITE
@@ -342,21 +377,15 @@ def _encode_record(parts: list[bytes | memoryview], rec: Record, index: int) -> 
             kind, _KIND_BY_CODE.get(kind), marker_code, offset, length, data_len, marker_id
         )
         if problem is not None:
-            raise EncodeError(f"invalid record: {problem}", record_index=index)
+            raise EncodeError(f"invalid record: {problem}", record_index=record_index)
     try:
         fields = _RECORD_FIELDS.pack(
-            kind, marker_code, rec.disk, data_len, rec.seq, offset, length, rec.ts_ns, marker_id
+            kind, marker_code, disk, data_len, seq, offset, length, ts_ns, marker_id
         )
     except struct.error as exc:
-        raise EncodeError(f"record field out of range: {exc}", record_index=index) from exc
-    if data_len:
-        parts.append(_U32.pack(_crc(data, _crc(fields))))
-        parts.append(fields)
-        parts.append(data)
-    else:
-        parts.append(_U32.pack(_crc(fields)))
-        parts.append(fields)
-    return RECORD_HEADER_SIZE + data_len
+        raise EncodeError(f"record field out of range: {exc}", record_index=record_index) from exc
+    crc = _crc(data, _crc(fields)) if data_len else _crc(fields)
+    return _U32.pack(crc) + fields
 
 
 def encoded_record_size(record: Record) -> int:
@@ -554,8 +583,6 @@ def frame_header_size(vm_id: str) -> int:
 
 def encode_frame(vm_id: str, epoch: int, records: Sequence[Record]) -> bytes:
     """Encode one frame: a header then ``records`` (at least one, seq strictly increasing)."""
-    vm = _encode_vm_id(vm_id)
-    _check_u64("epoch", epoch)
     if not records:
         raise EncodeError("a frame carries at least one record")
     parts: list[bytes | memoryview] = [b""]  # the header goes here once the body is known
@@ -570,6 +597,36 @@ def encode_frame(vm_id: str, epoch: int, records: Sequence[Record]) -> bytes:
             )
         prev_seq = rec.seq
         body_len += _encode_record(parts, rec, index)
+    parts[0] = _frame_header(vm_id, epoch, records[0].seq, prev_seq, len(records), body_len)
+    return b"".join(parts)
+
+
+def encode_frame_body(
+    vm_id: str,
+    epoch: int,
+    first_seq: int,
+    last_seq: int,
+    count: int,
+    *body: bytes | bytearray | memoryview,
+) -> bytes:
+    """Encode one frame around ``body`` (the pieces of it in order): ``count`` records
+    already encoded back to back (each `encode_record_header` then its data), numbered
+    ``first_seq``..``last_seq``.
+
+    The caller vouches for the body (the tap builds it record by record); a reader checks
+    every record's CRC and the numbering anyway."""
+    if count < 1 or last_seq - first_seq + 1 < count:
+        raise EncodeError(f"a frame of {count} records cannot span seqs {first_seq}..{last_seq}")
+    body_len = sum(part.nbytes if type(part) is memoryview else len(part) for part in body)
+    head = _frame_header(vm_id, epoch, first_seq, last_seq, count, body_len)
+    return b"".join((head, *body))
+
+
+def _frame_header(
+    vm_id: str, epoch: int, first_seq: int, last_seq: int, count: int, body_len: int
+) -> bytes:
+    vm = _encode_vm_id(vm_id)
+    _check_u64("epoch", epoch)
     if body_len >= _U32_LIMIT:
         raise EncodeError(f"frame body of {body_len} bytes exceeds the u32 limit")
     header_len = _FRAME_FIXED.size + len(vm) + 4
@@ -580,16 +637,15 @@ def encode_frame(vm_id: str, epoch: int, records: Sequence[Record]) -> bytes:
             0,
             header_len,
             epoch,
-            records[0].seq,
-            prev_seq,
-            len(records),
+            first_seq,
+            last_seq,
+            count,
             body_len,
             len(vm),
         )
         + vm
     )
-    parts[0] = head + _U32.pack(_crc(head))
-    return b"".join(parts)
+    return head + _U32.pack(_crc(head))
 
 
 def _parse_frame_header(mv: memoryview) -> FrameHeader:

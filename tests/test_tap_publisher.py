@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from datapath.journal import RECORD_HEADER_SIZE, Record, RecordKind
+from datapath.journal import RECORD_HEADER_SIZE, RecordKind, decode_frame
 from vib.publisher import PublishSession
 
 
@@ -14,8 +14,8 @@ class NeverSink:
         raise AssertionError("nothing is framed in these tests")
 
 
-def write(seq: int, size: int = 4096) -> Record:
-    return Record(RecordKind.WRITE, seq, 0, seq * size, size, 0, bytes(size))
+def write(session: PublishSession, seq: int, size: int = 4096) -> None:
+    session.append(RecordKind.WRITE, seq, 0, seq * size, size, bytes(size), gen=seq)
 
 
 async def test_records_not_framed_yet_can_be_dropped_from_a_number_on() -> None:
@@ -29,7 +29,7 @@ async def test_records_not_framed_yet_can_be_dropped_from_a_number_on() -> None:
         on_failed=lambda exc: None,
     )
     for seq in range(1, 11):
-        session.append(write(seq), RECORD_HEADER_SIZE + 4096, gen=seq)
+        write(session, seq)
     assert session.discard_from(20) is None
     assert session.discard_from(6) == 6
     assert session.buffered_bytes == 5 * (RECORD_HEADER_SIZE + 4096)
@@ -38,3 +38,85 @@ async def test_records_not_framed_yet_can_be_dropped_from_a_number_on() -> None:
     assert session.discard_from(1) == 1
     assert session.buffered_bytes == 0
     assert session.oldest_unacked_gen() == 0
+
+
+class RecordingSink:
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+
+    async def send(self, frame: bytes) -> asyncio.Future[Any]:
+        self.frames.append(frame)
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result(None)
+        return fut
+
+
+async def test_records_are_framed_in_order_within_the_frame_bound_after_a_discard() -> None:
+    sink = RecordingSink()
+    acked: list[int] = []
+    frame_max = 64 << 10
+    session = PublishSession(
+        sink,
+        vm_id="vm",
+        epoch=3,
+        frame_max_bytes=frame_max,
+        linger_s=0.001,
+        on_acked=acked.append,
+        on_failed=lambda exc: None,
+    )
+    for seq in range(1, 41):  # several chunks: 15 records of 4 KiB fit one
+        write(session, seq)
+    # Back to 10 across chunk boundaries: the rest is numbered on from there.
+    assert session.discard_from(10) == 10
+    assert session.buffered_bytes == 9 * (RECORD_HEADER_SIZE + 4096)
+    assert len(list(session.unacked_regions())) == 9
+    session.append(RecordKind.FLUSH, 10, 0, 0, 0)
+    for seq in range(11, 31):
+        write(session, seq)
+    session.start()
+    for _ in range(200):
+        if acked and acked[-1] == 30:
+            break
+        await asyncio.sleep(0.01)
+    await session.close()
+    frames = [decode_frame(frame) for frame in sink.frames]
+    records = [record for frame in frames for record in frame.records]
+    assert [record.seq for record in records] == list(range(1, 31))
+    assert records[9].kind is RecordKind.FLUSH
+    assert all(bytes(r.data) == bytes(4096) for r in records if r.kind is RecordKind.WRITE)
+    assert all(frame.epoch == 3 for frame in frames)
+    assert max(len(frame) for frame in sink.frames) <= frame_max + 300
+    assert len(frames) >= 2 and session.all_acked() and session.oldest_unacked_gen() == 0
+
+
+async def test_a_large_record_travels_alone_in_its_frame_in_order() -> None:
+    sink = RecordingSink()
+    acked: list[int] = []
+    session = PublishSession(
+        sink,
+        vm_id="vm",
+        epoch=1,
+        frame_max_bytes=64 << 10,  # data of 16 KiB or more is kept, not copied
+        linger_s=0.001,
+        on_acked=acked.append,
+        on_failed=lambda exc: None,
+    )
+    large = bytes(range(256)) * 80
+    write(session, 1)
+    session.append(RecordKind.WRITE, 2, 0, 0, len(large), large, gen=2)
+    write(session, 3)
+    # Dropping a kept record gives its chunk back.
+    session.append(RecordKind.WRITE, 4, 0, 0, len(large), large, gen=4)
+    assert session.discard_from(4) == 4
+    assert session.buffered_bytes == 2 * (RECORD_HEADER_SIZE + 4096) + RECORD_HEADER_SIZE + (
+        20 << 10
+    )
+    session.start()
+    for _ in range(200):
+        if acked and acked[-1] == 3:
+            break
+        await asyncio.sleep(0.01)
+    await session.close()
+    frames = [decode_frame(frame) for frame in sink.frames]
+    assert [[r.seq for r in frame.records] for frame in frames] == [[1], [2], [3]]
+    assert bytes(frames[1].records[0].data) == large

@@ -120,12 +120,13 @@ async def test_ext4_image_converted_through_the_tap_replays_equal(
     await run("e2fsck", "-fn", replays[0])
 
 
+@pytest.mark.parametrize("fast_writes", [True, False], ids=["c-write-path", "python-write-path"])
 async def test_fio_verified_writes_from_four_connections_replay_equal(
-    source_cluster: KafkaClusterSettings, vm_id: str, tmp_path: Path
+    source_cluster: KafkaClusterSettings, vm_id: str, tmp_path: Path, fast_writes: bool
 ) -> None:
     disks = [DiskSpec("d0", tmp_path / "src.img", 64 * MiB)]
     plan = write_plan(tmp_path / "plan.yaml", source_cluster, vm_id, disks)
-    async with running_tap(tap_settings(tmp_path, plan)) as tap:
+    async with running_tap(tap_settings(tmp_path, plan, fast_writes=fast_writes)) as tap:
         await wait_live(tap, vm_id)
         uri = nbd_uri(tap.nbd_port, vm_id, "d0")
         # Four connections, each verifying its own 16 MiB with crc32c.
@@ -160,9 +161,15 @@ async def test_fio_verified_writes_from_four_connections_replay_equal(
             cwd=tmp_path,
         )
         await wait_caught_up(tap, vm_id)
+        status = tap.taps[vm_id].status()
         result, replays = await replay_onto_files(source_cluster, vm_id, disks, tmp_path / "r")
     assert_replay_equals_source(result, [(disks[0].path, replays[0])])
     assert result.counts["WRITE"] >= 16384
+    # Both write paths were taken (the C one for most writes), or only Python's.
+    if fast_writes:
+        assert 0.5 * result.counts["WRITE"] < status["fast_writes"] < result.counts["WRITE"]
+    else:
+        assert status["fast_writes"] == 0
 
 
 async def test_writes_queued_during_the_first_full_sync_are_not_lost(

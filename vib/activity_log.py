@@ -33,6 +33,8 @@ from pathlib import Path
 
 import crc32c
 
+from vib._fast_writes import FastWrites
+
 log = logging.getLogger(__name__)
 
 RECORD_SIZE = 4096
@@ -223,6 +225,18 @@ class ActivityLog:
         if slot is not None and slot.committed:
             return slot
         return None
+
+    def fast_writes(self, disk: int, fd: int, size: int) -> FastWrites:
+        """The C write path of one disk (vib/_fast_writes.c), over this log's hot extents:
+        it takes the way `hot_slot` offers and stamps the slot as its callers do."""
+        return FastWrites(
+            fd=fd,
+            disk=disk,
+            size=size,
+            hot=self._hot,
+            extent_shift=self._shift,
+            disk_shift=_DISK_SHIFT,
+        )
 
     def begin_write(self, disk: int, offset: int, length: int) -> Awaitable[None] | None:
         """Pins the extents of a write; returns an awaitable only if one must become hot."""

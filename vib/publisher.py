@@ -2,8 +2,8 @@
 
 A `PublishSession` lives from the moment the tap reaches the VM's tap topic until the
 first failure (or a clean stop). Records are appended synchronously by the write path
-(in sequence order); one sender task cuts them into frames bounded by `frame_max_bytes`
-after at most `linger_s`, encodes each frame once and hands it to the sink (an idempotent
+(in sequence order), encoded as they come; one sender task cuts them into frames bounded
+by `frame_max_bytes` after at most `linger_s` and hands each to the sink (an idempotent
 producer, acks=all). Kafka acknowledges in order on the single partition, so the
 session's `acked_seq` only moves forward and "acknowledged" always means a prefix.
 
@@ -17,14 +17,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
-from datapath.journal import RANGE_KINDS, RECORD_HEADER_SIZE, Record, encode_frame
+from datapath.journal import (
+    RANGE_KINDS,
+    RECORD_HEADER_SIZE,
+    MarkerKind,
+    RecordKind,
+    encode_frame_body,
+    encode_record_header,
+)
 
 log = logging.getLogger(__name__)
+
+# What the session keeps of each record beside its encoded bytes: seq, local generation,
+# offset, length, encoded size, disk, kind. vib/_fast_writes.c appends the same layout.
+META = struct.Struct("<QQQQIHBx")
+_META_SIZE = META.size
+_unpack_meta = META.unpack_from
+_pack_meta = META.pack
 
 
 class FrameSink(Protocol):
@@ -41,20 +56,37 @@ class SessionFailed(Exception):
 Region = tuple[int, int, int]  # disk, offset, length
 
 
-class _Sent:
-    __slots__ = ("done", "first_gen", "last_seq", "regions", "sent_at", "size")
+def _regions(meta: bytes | bytearray) -> Iterator[Region]:
+    changing = RANGE_KINDS
+    for _seq, _gen, offset, length, _size, disk, kind in META.iter_unpack(meta):
+        if kind in changing:
+            yield disk, offset, length
 
-    def __init__(self, records: list[Record], size: int, first_gen: int) -> None:
-        # Only the regions are kept (not the data): enough to mark them dirty.
-        changing = RANGE_KINDS
-        self.regions: list[Region] = [
-            (r.disk, r.offset, r.length) for r in records if r.kind in changing
-        ]
+
+def _first_gen(meta: bytes | bytearray) -> int:
+    for entry in META.iter_unpack(meta):
+        if entry[1]:
+            return int(entry[1])
+    return 0
+
+
+class _Sent:
+    __slots__ = ("_first_gen", "done", "last_seq", "meta", "sent_at", "size")
+
+    def __init__(self, meta: bytes | bytearray, size: int, last_seq: int) -> None:
+        # Only the metadata is kept (not the data): enough to mark the regions dirty.
+        self.meta = meta
         self.size = size
-        self.last_seq = records[-1].seq
-        self.first_gen = first_gen
+        self.last_seq = last_seq
+        self._first_gen = -1
         self.sent_at = time.monotonic()
         self.done = False
+
+    @property
+    def first_gen(self) -> int:
+        if self._first_gen < 0:
+            self._first_gen = _first_gen(self.meta)
+        return self._first_gen
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:
@@ -62,13 +94,46 @@ def _resolve(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
+class Chunk:
+    """The records of one frame to be: encoded back to back in `body[:used]` (a
+    record's header, then its data), one META entry each in `meta`.
+
+    `body` has a fixed capacity, a frame's bound plus one record header: writers append
+    while the next record fits (the C write path too), and the session starts the next
+    chunk when it does not. A large record's data is not copied in: it is kept as
+    `external` after the header in `body`, alone in its chunk."""
+
+    __slots__ = ("body", "external", "meta", "used")
+
+    def __init__(self, body: bytearray) -> None:
+        self.body = body
+        self.used = 0
+        self.meta = bytearray()
+        self.external: bytes | bytearray | memoryview = b""
+
+    @property
+    def size(self) -> int:
+        """Bytes of its records."""
+        external = self.external
+        return self.used + (external.nbytes if type(external) is memoryview else len(external))
+
+
+# Emptied chunk bodies kept for reuse: a fresh one is zero-filled, page by page.
+_SPARE_BODIES = 8
+
+
 class PublishSession:
     """One producer session of one VM.
 
-    `append` takes a record, its encoded size and the local generation of the guest
-    write it carries (0 for records that carry none: markers, flushes, resync data).
-    `on_acked(seq)` runs when everything up to `seq` is acknowledged; `on_failed(exc)`
-    runs once when the session stops publishing because of an error.
+    Records are encoded as they are appended, into chunks of one frame each (`chunk` is
+    the one being filled); the sender takes the oldest chunk, puts a frame header before
+    its records and recycles its memory.
+
+    `append` encodes one record (with the local generation of the guest write it carries;
+    0 for records that carry none: markers, flushes, resync data); the tap's C write path
+    writes into `chunk` itself, then calls `appended`. `on_acked(seq)` runs when
+    everything up to `seq` is acknowledged; `on_failed(exc)` runs once when the session
+    stops publishing because of an error.
     """
 
     def __init__(
@@ -91,8 +156,13 @@ class PublishSession:
         self._on_acked = on_acked
         self._on_failed = on_failed
         self._on_frame = on_frame
-        self._pending: list[Record] = []
-        self._gens: list[int] = []
+        # Records not framed yet, oldest chunk first; the last one is `chunk`.
+        self._capacity = frame_max_bytes + RECORD_HEADER_SIZE
+        # Data this large travels in a frame of its own rather than being copied.
+        self._external_min = max(1, frame_max_bytes // 4)
+        self._spare: list[bytearray] = []
+        self.chunk = Chunk(bytearray(self._capacity))
+        self._chunks: deque[Chunk] = deque([self.chunk])
         self._pending_bytes = 0
         self._pending_since = 0.0
         self._inflight: deque[_Sent] = deque()
@@ -109,13 +179,56 @@ class PublishSession:
 
     # -- the write path's side ------------------------------------------------------------
 
-    def append(self, record: Record, size: int, gen: int = 0) -> None:
-        pending = self._pending
-        if not pending:
+    def append(
+        self,
+        kind: RecordKind,
+        seq: int,
+        disk: int,
+        offset: int,
+        length: int,
+        data: bytes | bytearray | memoryview = b"",
+        marker: MarkerKind | None = None,
+        marker_id: int = 0,
+        *,
+        gen: int = 0,
+    ) -> None:
+        """Encodes one record (timestamped now) after the others."""
+        header = encode_record_header(
+            kind, seq, disk, offset, length, time.time_ns(), data, marker, marker_id
+        )
+        data_len = data.nbytes if type(data) is memoryview else len(data)
+        size = len(header) + data_len
+        chunk = self.chunk
+        external = data_len >= self._external_min
+        if chunk.used and (external or chunk.used + size > self._frame_max):
+            chunk = self._next_chunk()
+        start = chunk.used
+        data_start = start + len(header)
+        body = chunk.body
+        body[start:data_start] = header
+        if external:
+            chunk.external = data
+            chunk.used = data_start
+        else:
+            if data_len:
+                body[data_start : start + size] = data
+            chunk.used = start + size
+        chunk.meta += _pack_meta(seq, gen, offset, length, size, disk, kind)
+        self.appended(size)
+        if external:  # nothing goes after it in this chunk
+            self._next_chunk()
+
+    def _next_chunk(self) -> Chunk:
+        body = self._spare.pop() if self._spare else bytearray(self._capacity)
+        chunk = self.chunk = Chunk(body)
+        self._chunks.append(chunk)
+        return chunk
+
+    def appended(self, size: int) -> None:
+        """`size` more bytes of records are in `chunk` (by `append` or the C path)."""
+        if not self._pending_bytes:
             self._pending_since = time.monotonic()
             self._wake.set()
-        pending.append(record)
-        self._gens.append(gen)
         self._pending_bytes += size
         if self._pending_bytes >= self._frame_max:
             full = self._full
@@ -129,16 +242,25 @@ class PublishSession:
         For records whose content travels again anyway (an abandoned resync bracket's):
         the caller numbers its next record with the returned number, so the sequence
         stays gapless."""
-        pending = self._pending
-        cut = len(pending)
-        while cut and pending[cut - 1].seq >= seq:
-            cut -= 1
-        if cut == len(pending):
-            return None
-        first = pending[cut].seq
-        self._pending_bytes -= sum(RECORD_HEADER_SIZE + len(r.data) for r in pending[cut:])
-        del pending[cut:]
-        del self._gens[cut:]
+        first: int | None = None
+        chunks = self._chunks
+        while chunks:
+            chunk = chunks[-1]
+            meta = chunk.meta
+            while meta and (entry := _unpack_meta(meta, len(meta) - _META_SIZE))[0] >= seq:
+                first = entry[0]
+                self._pending_bytes -= entry[4]
+                if chunk.external:
+                    chunk.external = b""
+                    chunk.used = 0
+                else:
+                    chunk.used -= entry[4]
+                del meta[len(meta) - _META_SIZE :]
+            if meta or len(chunks) == 1:
+                break
+            chunks.pop()
+            self._spare.append(chunk.body)
+        self.chunk = chunks[-1]
         return first
 
     @property
@@ -150,7 +272,8 @@ class PublishSession:
         for sent in self._inflight:
             if sent.first_gen:
                 return sent.first_gen
-        for gen in self._gens:
+        for chunk in self._chunks:
+            gen = _first_gen(chunk.meta)
             if gen:
                 return gen
         return 0
@@ -158,18 +281,16 @@ class PublishSession:
     def oldest_unacked_age(self) -> float:
         if self._inflight:
             return time.monotonic() - self._inflight[0].sent_at
-        if self._pending:
+        if self._pending_bytes:
             return time.monotonic() - self._pending_since
         return 0.0
 
     def unacked_regions(self) -> Iterator[Region]:
         """(disk, offset, length) of every data-changing record not acknowledged."""
         for sent in self._inflight:
-            yield from sent.regions
-        changing = RANGE_KINDS
-        for record in self._pending:
-            if record.kind in changing:
-                yield record.disk, record.offset, record.length
+            yield from _regions(sent.meta)
+        for chunk in self._chunks:
+            yield from _regions(chunk.meta)
 
     # -- sending ------------------------------------------------------------------------------
 
@@ -177,7 +298,7 @@ class PublishSession:
         loop = asyncio.get_running_loop()
         try:
             while self.active:
-                if not self._pending:
+                if not self._pending_bytes:
                     self._wake.clear()
                     await self._wake.wait()
                     continue
@@ -189,43 +310,40 @@ class PublishSession:
                     finally:
                         handle.cancel()
                         self._full = None
-                while self._pending and self.active:
+                while self._pending_bytes and self.active:
                     await self._send_one()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             self.fail(exc)
 
-    def _take_frame(self) -> tuple[list[Record], list[int], int]:
-        pending = self._pending
-        if self._pending_bytes <= self._frame_max:
-            records, gens, size = pending, self._gens, self._pending_bytes
-            self._pending, self._gens, self._pending_bytes = [], [], 0
-            return records, gens, size
-        size = 0
-        count = 0
-        limit = self._frame_max
-        for record in pending:
-            record_size = RECORD_HEADER_SIZE + len(record.data)
-            if count and size + record_size > limit:
-                break
-            size += record_size
-            count += 1
-        records, gens = pending[:count], self._gens[:count]
-        del pending[:count]
-        del self._gens[:count]
-        self._pending_bytes -= size
-        self._pending_since = time.monotonic()
-        return records, gens, size
+    def _take_chunk(self) -> Chunk:
+        """The oldest chunk, out of the pending records (a new one is started when it
+        was the one being filled)."""
+        chunk = self._chunks.popleft()
+        if not self._chunks:
+            self._next_chunk()
+        self._pending_bytes -= chunk.size
+        if self._pending_bytes:
+            self._pending_since = time.monotonic()
+        return chunk
 
     async def _send_one(self) -> None:
-        records, gens, size = self._take_frame()
-        first_gen = next((g for g in gens if g), 0)
-        sent = _Sent(records, size, first_gen)
+        chunk = self._take_chunk()
+        meta, size = chunk.meta, chunk.size
+        first_seq = _unpack_meta(meta, 0)[0]
+        last_seq = _unpack_meta(meta, len(meta) - _META_SIZE)[0]
+        sent = _Sent(meta, size, last_seq)
         # Accounted before the send so that a failure below still gives these records back.
         self._inflight.append(sent)
         self._inflight_bytes += size
-        frame = encode_frame(self.vm_id, self.epoch, records)
+        count = len(meta) // _META_SIZE
+        with memoryview(chunk.body) as view, view[: chunk.used] as records:
+            frame = encode_frame_body(
+                self.vm_id, self.epoch, first_seq, last_seq, count, records, chunk.external
+            )
+        if len(self._spare) < _SPARE_BODIES:
+            self._spare.append(chunk.body)
         fut = await self._sink.send(frame)
         fut.add_done_callback(lambda f: self._sent_done(sent, f))
 
@@ -265,7 +383,7 @@ class PublishSession:
         self._on_failed(exc)
 
     def all_acked(self) -> bool:
-        return not self._pending and not self._inflight
+        return not self._pending_bytes and not self._inflight
 
     async def close(self) -> None:
         self.active = False

@@ -61,6 +61,13 @@ class TapSettings(BaseSettings):
         ),
     )
     kafka_request_timeout_s: float = Field(default=15.0, gt=0)
+    fast_writes: bool = Field(
+        default=True,
+        description=(
+            "plain writes to a file or block device into a hot extent take the C write path "
+            "(vib/_fast_writes.c); false: every write takes the Python one"
+        ),
+    )
 
     extent_size: int = Field(default=4 << 20, description="activity log extent (power of 2)")
     activity_log_slots: int = Field(default=1024, ge=1, le=0xFFFE)

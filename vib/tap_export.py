@@ -11,7 +11,7 @@ from collections.abc import Callable, Coroutine
 from functools import partial
 from typing import Any
 
-from vib.nbd.export import Buffer
+from vib.nbd.export import Buffer, WriteRun
 from vib.nbd.storage_export import backend_block_status
 from vib.vm_tap import TapDisk, VmTap
 
@@ -46,6 +46,8 @@ class TapExport:
         self.write: Callable[[int, memoryview, bool], Coroutine[Any, Any, None]] = partial(
             vm.write, disk
         )
+        if disk.fast is not None:
+            self.write_run: WriteRun = partial(vm.write_run, disk)
 
     async def read(self, offset: int, length: int) -> Buffer:
         return self._backend.read(offset, length)

@@ -66,6 +66,12 @@ class _TapCollector(Collector):
             "in the bitmap until the buffer drained (policy track).",
             labels=["vm"],
         )
+        fast_writes = CounterMetricFamily(
+            "datamover_tap_fast_writes",
+            "Guest writes that took the C write path (vib/_fast_writes.c); the others took "
+            "the Python one (cold extent, resync bracket, FUA, a payload still arriving).",
+            labels=["vm"],
+        )
         resyncs = CounterMetricFamily(
             "datamover_tap_resyncs_completed", "Resync brackets completed.", labels=["vm"]
         )
@@ -118,6 +124,7 @@ class _TapCollector(Collector):
             frame_bytes.add_metric([vm], stats.frame_bytes)
             outages.add_metric([vm], stats.outages)
             overflows.add_metric([vm], stats.overflows)
+            fast_writes.add_metric([vm], stats.fast_writes)
             resyncs.add_metric([vm], stats.resyncs_completed)
             heartbeats.add_metric([vm], stats.heartbeats)
             writebacks.add_metric([vm], stats.writebacks)
@@ -144,6 +151,6 @@ class _TapCollector(Collector):
             for each in Mode:
                 mode.add_metric([vm, each.value], 1 if each is current else 0)
         yield from (ops, op_bytes, frames, frame_bytes, outages, resyncs, heartbeats)
-        yield from (overflows, writebacks, al_commits)
+        yield from (overflows, fast_writes, writebacks, al_commits)
         yield from gauges.values()
         yield mode

@@ -51,17 +51,12 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
 
-from datapath.journal import (
-    RECORD_HEADER_SIZE,
-    RECORD_SLOT_SETTERS,
-    MarkerKind,
-    Record,
-    RecordKind,
-)
+from datapath.journal import MarkerKind, RecordKind
 from datapath.kafka import KafkaError
 from datapath.protection import ProtectedVM
 from datapath.storage import StorageBackend, StorageError, open_backend
 from datapath.storage.fd import FdBackend
+from vib._fast_writes import FastWrites
 from vib.activity_log import ActivityLog
 from vib.dirty_bitmap import DirtyBitmap
 from vib.publisher import FrameSink, PublishSession, SessionFailed
@@ -78,34 +73,6 @@ _TRIM = RecordKind.TRIM
 _FLUSH = RecordKind.FLUSH
 _MARKER = RecordKind.MARKER
 _HOUSEKEEPING_TICK_S = 0.25
-
-
-# Built field by field through the journal's slot setters: half the cost of the frozen
-# dataclass __init__, once per guest write.
-def _record(
-    kind: RecordKind,
-    seq: int,
-    disk: int,
-    offset: int,
-    length: int,
-    data: bytes | memoryview = b"",
-    marker: MarkerKind | None = None,
-    marker_id: int = 0,
-) -> Record:
-    record: Record = object.__new__(Record)
-    s_kind, s_seq, s_disk, s_offset, s_length, s_ts, s_data, s_marker, s_marker_id = (
-        RECORD_SLOT_SETTERS
-    )
-    s_kind(record, kind)
-    s_seq(record, seq)
-    s_disk(record, disk)
-    s_offset(record, offset)
-    s_length(record, length)
-    s_ts(record, time.time_ns())
-    s_data(record, data)
-    s_marker(record, marker)
-    s_marker_id(record, marker_id)
-    return record
 
 
 class Mode(StrEnum):
@@ -137,14 +104,23 @@ class TopicConnector(Protocol):
 class TapDisk:
     """One protected disk of the VM: its source storage and its dirty bitmap."""
 
-    __slots__ = ("backend", "bitmap", "index", "name", "write")
+    __slots__ = ("backend", "bitmap", "fast", "index", "name", "write")
 
-    def __init__(self, index: int, name: str, backend: StorageBackend, bitmap: DirtyBitmap):
+    def __init__(
+        self,
+        index: int,
+        name: str,
+        backend: StorageBackend,
+        bitmap: DirtyBitmap,
+        fast: FastWrites | None = None,
+    ):
         self.index = index
         self.name = name
         self.backend = backend
         self.bitmap = bitmap
         self.write = _direct_writer(backend)
+        # The C write path (vib/_fast_writes.c), for a file or block device.
+        self.fast = fast
 
 
 def _direct_writer(backend: StorageBackend) -> Callable[[int, memoryview, int], None]:
@@ -186,6 +162,7 @@ class VmStats:
     frame_bytes: int = 0
     outages: int = 0
     overflows: int = 0
+    fast_writes: int = 0  # writes that took the C write path (of `writes`)
     resyncs_completed: int = 0
     heartbeats: int = 0
     writebacks: int = 0
@@ -296,7 +273,10 @@ class VmTap:
                 except BaseException:
                     backend.close()
                     raise
-                self.disks.append(TapDisk(index, disk.name, backend, bitmap))
+                fast = None
+                if self.settings.fast_writes and isinstance(backend, FdBackend):
+                    fast = self._al.fast_writes(index, backend.fileno(), backend.size)
+                self.disks.append(TapDisk(index, disk.name, backend, bitmap, fast))
                 if mark_all_disks or disk.name in new_disks:
                     # A disk the tap has never seen: everything on it must travel.
                     bitmap.mark_all()
@@ -459,6 +439,7 @@ class VmTap:
             "outages": self.stats.outages,
             "overflows": self.stats.overflows,
             "overflowed": self._draining is not None,
+            "fast_writes": self.stats.fast_writes,
             "full_sync_pending": self.full_sync_pending,
             "resync": resync.status() if resync is not None else None,
             "last_error": self.last_error,
@@ -497,11 +478,7 @@ class VmTap:
             if length <= self._frame_max:
                 seq = self._next_seq
                 self._next_seq = seq + 1
-                session.append(
-                    _record(_WRITE, seq, index, offset, length, data),
-                    RECORD_HEADER_SIZE + length,
-                    gen,
-                )
+                session.append(_WRITE, seq, index, offset, length, data, gen=gen)
             else:
                 self._append_split_write(session, index, offset, data, gen)
             if self.bracket_open:
@@ -523,6 +500,47 @@ class VmTap:
         stats.write_bytes += length
         if fua:
             await self._make_durable(disk)
+
+    def write_run(
+        self,
+        disk: TapDisk,
+        buf: bytearray,
+        pos: int,
+        end: int,
+        replies: bytearray,
+        max_length: int,
+    ) -> tuple[int, int, int]:
+        """The NBD server's fast path (vib.nbd.export.WriteRun): the plain writes from
+        buf[pos] that need nothing but `write` does when they take its quickest way (a
+        session taking writes, no resync bracket or read window open, the extent hot, room
+        in the buffer) go through the C write path in one call."""
+        fast = disk.fast
+        session = self._session
+        if fast is None or session is None or self.bracket_open or self.window is not None:
+            return pos, 0, 0
+        chunk = session.chunk
+        used = chunk.used
+        pos, count, data_bytes, chunk.used, self._next_seq, self._gen = fast.run(
+            buf,
+            pos,
+            end,
+            replies,
+            chunk.body,
+            used,
+            chunk.meta,
+            self._next_seq,
+            self._gen,
+            self._al.tick,
+            self._buffer_max - session.buffered_bytes,
+            min(max_length, self._frame_max),
+        )
+        if count:
+            session.appended(chunk.used - used)
+            stats = self.stats
+            stats.writes += count
+            stats.fast_writes += count
+            stats.write_bytes += data_bytes
+        return pos, count, data_bytes
 
     def _mark_inside_bracket(self, disk: TapDisk, offset: int, length: int, gen: int) -> None:
         # The write travels inside a resync bracket and reaches the target only when a
@@ -676,11 +694,7 @@ class VmTap:
         writes do the same inline, on the hot path)."""
         seq = self._next_seq
         self._next_seq = seq + 1
-        session.append(
-            _record(kind, seq, disk, offset, length, data, marker, marker_id),
-            RECORD_HEADER_SIZE + len(data),
-            gen,
-        )
+        session.append(kind, seq, disk, offset, length, data, marker, marker_id, gen=gen)
         return seq
 
     def _heartbeat(self) -> None:

@@ -27,7 +27,7 @@ from vib.nbd import replies
 from vib.nbd.catalog import ExportCatalog
 from vib.nbd.eager import Suspended
 from vib.nbd.errors import PeerGone, ProtocolViolation, ServerShuttingDown
-from vib.nbd.export import Export, ExportError, nbd_error_for
+from vib.nbd.export import Export, ExportError, WriteRun, nbd_error_for
 from vib.nbd.handshake import BlockSizes, Negotiation, Session
 from vib.nbd.metrics import NbdMetrics
 from vib.nbd.rate_limited_log import RateLimitedLog
@@ -107,6 +107,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         # Transmission phase (set by _start_transmission).
         self._transmitting = False
         self._export: Export | None = None
+        self._write_run: WriteRun | None = None
         self._export_name = ""
         self._size = 0
         self._structured = False
@@ -327,6 +328,7 @@ class NbdConnection(asyncio.BufferedProtocol):
     def _start_transmission(self, session: Session) -> None:
         export = session.export
         self._export = export
+        self._write_run = None if export.read_only else getattr(export, "write_run", None)
         self._export_name = session.export_name
         self._size = export.size
         self._structured = session.structured_replies
@@ -377,6 +379,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         # here with locals rather than behind method calls.
         out = self._out
         export_write = export.write
+        write_run = self._write_run
         counts = self._request_counts
         max_request = self._max_request
         writable_size = -1 if self._read_only else self._size
@@ -406,6 +409,14 @@ class NbdConnection(asyncio.BufferedProtocol):
                     self._oversized_write(cookie, length)
                     continue
                 else:
+                    if write_run is not None and not flags:
+                        replies = bytearray()
+                        pos, run, run_bytes = write_run(buf, pos, end, replies, max_request)
+                        if run:
+                            counts[_CMD_WRITE] += run
+                            self._bytes_written += run_bytes
+                            out.append(replies)
+                            continue
                     start = pos + _REQUEST_SIZE
                     if end - start < length:
                         # The rest of the payload is still on its way.

@@ -9,11 +9,21 @@ task per request, which is what keeps small random I/O fast.
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from typing import Protocol
 
 from vib.nbd import protocol as p
 
 Buffer = bytes | bytearray | memoryview
+
+# An export's optional fast path for runs of plain writes, an attribute `write_run`:
+# `write_run(buf, pos, end, replies, max_length)` takes the complete NBD_CMD_WRITE
+# requests without flags that follow one another from buf[pos] (before `end`), each of
+# at most `max_length` bytes and inside the export, for as long as it can complete them
+# at once; it appends their simple replies to `replies` and returns (the position of the
+# first request it left to the server, the writes it did, their bytes). The server
+# handles the request it stopped at as any other.
+WriteRun = Callable[[bytearray, int, int, bytearray, int], tuple[int, int, int]]
 
 
 class Export(Protocol):
