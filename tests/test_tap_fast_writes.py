@@ -253,3 +253,57 @@ def test_bad_arguments_are_refused_before_anything_is_done(rig: Rig) -> None:
     with pytest.raises(ValueError):
         FastWrites(fd=rig.fd, disk=1 << 16, size=SIZE, hot={}, extent_shift=16, disk_shift=48)
     assert rig.disk(0, 512) == bytes(512)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    requests=st.lists(
+        st.tuples(st.integers(0, SIZE + 4096), st.integers(0, 9000), st.integers(0, 3)),
+        max_size=8,
+    ),
+    damage=st.lists(st.tuples(st.integers(0, 2**16), st.integers(0, 255)), max_size=4),
+    cut=st.integers(0, 2**16),
+)
+def test_any_input_is_parsed_safely(
+    tmp_path_factory: pytest.TempPathFactory,
+    requests: list[tuple[int, int, int]],
+    damage: list[tuple[int, int]],
+    cut: int,
+) -> None:
+    """Hostile bytes (requests with any offset, length and command, then bytes flipped
+    and the tail cut) never crash the run: it takes a prefix of well-formed writes, no
+    more, and the disk holds exactly those."""
+    r = open_rig(tmp_path_factory.mktemp("fuzz") / "disk.img")
+    try:
+        for extent in range(SIZE >> EXTENT_SHIFT):
+            r.make_hot(extent << EXTENT_SHIFT)
+        buf = bytearray(
+            b"".join(
+                request(offset, bytes([i + 1]) * length, cookie=i, command=command)
+                for i, (offset, length, command) in enumerate(requests)
+            )
+        )
+        for at, value in damage:
+            if buf:
+                buf[at % len(buf)] = value
+        del buf[len(buf) - cut % (len(buf) + 1) :]
+        pos, count, nbytes, seq, gen = r.run(bytes(buf), seq=1, gen=0, length_max=8192)
+        # What the run must have taken: the longest prefix of plain, complete writes.
+        expected = bytearray(SIZE)
+        at = taken = taken_bytes = 0
+        while len(buf) - at >= p.REQUEST_HEADER.size:
+            magic, flags, command, _, offset, length = p.REQUEST_HEADER.unpack_from(buf, at)
+            end = at + p.REQUEST_HEADER.size + length
+            if (magic, flags, command) != (p.REQUEST_MAGIC, 0, p.CMD_WRITE) or not (
+                0 < length <= 8192 and offset + length <= SIZE and end <= len(buf)
+            ):
+                break
+            if offset >> EXTENT_SHIFT != (offset + length - 1) >> EXTENT_SHIFT:
+                break
+            expected[offset : offset + length] = buf[end - length : end]
+            at, taken, taken_bytes = end, taken + 1, taken_bytes + length
+        assert (pos, count, nbytes, seq, gen) == (at, taken, taken_bytes, 1 + taken, taken)
+        assert r.disk(0, SIZE) == bytes(expected)
+        assert r.used == taken * RECORD_HEADER_SIZE + taken_bytes and len(r.out) == 16 * taken
+    finally:
+        os.close(r.fd)
