@@ -105,9 +105,11 @@ async def test_a_large_record_travels_alone_in_its_frame_in_order() -> None:
     write(session, 1)
     session.append(RecordKind.WRITE, 2, 0, 0, len(large), large, gen=2)
     write(session, 3)
-    # Dropping a kept record gives its chunk back.
+    # Dropping a kept record gives its chunk back; one kept before stays alone.
     session.append(RecordKind.WRITE, 4, 0, 0, len(large), large, gen=4)
     assert session.discard_from(4) == 4
+    assert session.discard_from(3) == 3
+    write(session, 3)
     assert session.buffered_bytes == 2 * (RECORD_HEADER_SIZE + 4096) + RECORD_HEADER_SIZE + (
         20 << 10
     )

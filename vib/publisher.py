@@ -261,6 +261,8 @@ class PublishSession:
             chunks.pop()
             self._spare.append(chunk.body)
         self.chunk = chunks[-1]
+        if self.chunk.external:  # closed: nothing may follow its record in it
+            self._next_chunk()
         return first
 
     @property
