@@ -101,7 +101,7 @@ class Chunk:
     `body` has a fixed capacity, a frame's bound plus one record header: writers append
     while the next record fits (the C write path too), and the session starts the next
     chunk when it does not. A large record's data is not copied in: it is kept as
-    `external` after the header in `body`, alone in its chunk."""
+    `external`, alone in a chunk whose body is the record's header."""
 
     __slots__ = ("body", "external", "meta", "used")
 
@@ -198,25 +198,38 @@ class PublishSession:
         )
         data_len = data.nbytes if type(data) is memoryview else len(data)
         size = len(header) + data_len
+        meta = _pack_meta(seq, gen, offset, length, size, disk, kind)
         chunk = self.chunk
-        external = data_len >= self._external_min
-        if chunk.used and (external or chunk.used + size > self._frame_max):
-            chunk = self._next_chunk()
-        start = chunk.used
-        data_start = start + len(header)
-        body = chunk.body
-        body[start:data_start] = header
-        if external:
-            chunk.external = data
-            chunk.used = data_start
+        if data_len >= self._external_min:
+            self._append_kept(header, data, meta)
         else:
+            if chunk.used + size > self._frame_max and chunk.used:
+                chunk = self._next_chunk()
+            start = chunk.used
+            data_start = start + len(header)
+            body = chunk.body
+            body[start:data_start] = header
             if data_len:
                 body[data_start : start + size] = data
             chunk.used = start + size
-        chunk.meta += _pack_meta(seq, gen, offset, length, size, disk, kind)
+            chunk.meta += meta
         self.appended(size)
-        if external:  # nothing goes after it in this chunk
+
+    def _append_kept(
+        self, header: bytes, data: bytes | bytearray | memoryview, meta: bytes
+    ) -> None:
+        """A large record in a chunk of its own, its data kept rather than copied; the
+        chunk being filled, if still empty, moves after it."""
+        kept = Chunk(bytearray(header))
+        kept.used = len(header)
+        kept.external = data
+        kept.meta += meta
+        chunks = self._chunks
+        if self.chunk.used:
+            chunks.append(kept)
             self._next_chunk()
+        else:
+            chunks.insert(len(chunks) - 1, kept)
 
     def _next_chunk(self) -> Chunk:
         body = self._spare.pop() if self._spare else bytearray(self._capacity)
@@ -250,20 +263,22 @@ class PublishSession:
             while meta and (entry := _unpack_meta(meta, len(meta) - _META_SIZE))[0] >= seq:
                 first = entry[0]
                 self._pending_bytes -= entry[4]
-                if chunk.external:
-                    chunk.external = b""
-                    chunk.used = 0
-                else:
-                    chunk.used -= entry[4]
+                chunk.used -= entry[4] - len(chunk.external)
+                chunk.external = b""
                 del meta[len(meta) - _META_SIZE :]
-            if meta or len(chunks) == 1:
+            if meta:
                 break
             chunks.pop()
-            self._spare.append(chunk.body)
-        self.chunk = chunks[-1]
-        if self.chunk.external:  # closed: nothing may follow its record in it
+            self._recycle(chunk)
+        if not chunks or chunks[-1].external:  # a kept record's chunk takes nothing more
             self._next_chunk()
+        else:
+            self.chunk = chunks[-1]
         return first
+
+    def _recycle(self, chunk: Chunk) -> None:
+        if len(self._spare) < _SPARE_BODIES and len(chunk.body) == self._capacity:
+            self._spare.append(chunk.body)
 
     @property
     def buffered_bytes(self) -> int:
@@ -344,8 +359,7 @@ class PublishSession:
             frame = encode_frame_body(
                 self.vm_id, self.epoch, first_seq, last_seq, count, records, chunk.external
             )
-        if len(self._spare) < _SPARE_BODIES:
-            self._spare.append(chunk.body)
+        self._recycle(chunk)
         fut = await self._sink.send(frame)
         fut.add_done_callback(lambda f: self._sent_done(sent, f))
 
