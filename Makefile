@@ -28,7 +28,7 @@ deps-deb:
 
 deps-python: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.lock pyproject.toml vib/_fast_writes.c deploy/libnbd_into_venv.sh
+$(VENV)/.installed: requirements.lock pyproject.toml setup.py vib/_fast_writes.c deploy/libnbd_into_venv.sh
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.lock
