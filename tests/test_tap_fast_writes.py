@@ -107,6 +107,10 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
     os.close(r.fd)
 
 
+def test_the_metadata_layout_is_the_publishers() -> None:
+    assert META.size == _fast_writes.META_SIZE
+
+
 @settings(max_examples=300, deadline=None)
 @given(data=st.binary(max_size=9000), value=st.integers(0, 2**32 - 1))
 def test_crc32c_is_the_standard_one(data: bytes, value: int) -> None:

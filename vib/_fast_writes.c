@@ -13,9 +13,10 @@
  *      it and reports the error);
  *   4. the write gets the next local generation and sequence number;
  *   5. its journal record (datapath.journal's layout, CRC32C over fields and data) is
- *      written into the session's pending body (a buffer of fixed capacity that the
- *      session reuses frame after frame: grown a few bytes at a time, a bytearray would
- *      be copied over and over by realloc), its metadata appended to the session's meta;
+ *      written into the session's chunk (vib.publisher.Chunk: a buffer of one frame's
+ *      size, filled in place and reused, where a bytearray grown a few bytes at a time
+ *      would be copied over and over by realloc), its metadata appended to the chunk's
+ *      meta;
  *   6. the slot is stamped (last_gen, tick) and a simple reply is queued.
  *
  * Anything else stops the run at that request, which the Python path then handles
