@@ -51,19 +51,33 @@ class RecordingSink:
         return fut
 
 
-async def test_records_are_framed_in_order_within_the_frame_bound_after_a_discard() -> None:
-    sink = RecordingSink()
-    acked: list[int] = []
-    frame_max = 64 << 10
-    session = PublishSession(
+def recording_session(sink: RecordingSink, acked: list[int], *, epoch: int = 1) -> PublishSession:
+    return PublishSession(
         sink,
         vm_id="vm",
-        epoch=3,
-        frame_max_bytes=frame_max,
+        epoch=epoch,
+        frame_max_bytes=64 << 10,  # data of 16 KiB or more is kept, not copied
         linger_s=0.001,
         on_acked=acked.append,
         on_failed=lambda exc: None,
     )
+
+
+async def publish_until_acked(session: PublishSession, acked: list[int], last: int) -> None:
+    session.start()
+    for _ in range(200):
+        if acked and acked[-1] == last:
+            break
+        await asyncio.sleep(0.01)
+    await session.close()
+    assert acked and acked[-1] == last
+
+
+async def test_records_are_framed_in_order_within_the_frame_bound_after_a_discard() -> None:
+    sink = RecordingSink()
+    acked: list[int] = []
+    frame_max = 64 << 10
+    session = recording_session(sink, acked, epoch=3)
     for seq in range(1, 41):  # several chunks: 15 records of 4 KiB fit one
         write(session, seq)
     # Back to 10 across chunk boundaries: the rest is numbered on from there.
@@ -73,12 +87,7 @@ async def test_records_are_framed_in_order_within_the_frame_bound_after_a_discar
     session.append(RecordKind.FLUSH, 10, 0, 0, 0)
     for seq in range(11, 31):
         write(session, seq)
-    session.start()
-    for _ in range(200):
-        if acked and acked[-1] == 30:
-            break
-        await asyncio.sleep(0.01)
-    await session.close()
+    await publish_until_acked(session, acked, 30)
     frames = [decode_frame(frame) for frame in sink.frames]
     records = [record for frame in frames for record in frame.records]
     assert [record.seq for record in records] == list(range(1, 31))
@@ -92,15 +101,7 @@ async def test_records_are_framed_in_order_within_the_frame_bound_after_a_discar
 async def test_a_large_record_travels_alone_in_its_frame_in_order() -> None:
     sink = RecordingSink()
     acked: list[int] = []
-    session = PublishSession(
-        sink,
-        vm_id="vm",
-        epoch=1,
-        frame_max_bytes=64 << 10,  # data of 16 KiB or more is kept, not copied
-        linger_s=0.001,
-        on_acked=acked.append,
-        on_failed=lambda exc: None,
-    )
+    session = recording_session(sink, acked)
     large = bytes(range(256)) * 80
     write(session, 1)
     session.append(RecordKind.WRITE, 2, 0, 0, len(large), large, gen=2)
@@ -113,12 +114,7 @@ async def test_a_large_record_travels_alone_in_its_frame_in_order() -> None:
     assert session.buffered_bytes == 2 * (RECORD_HEADER_SIZE + 4096) + RECORD_HEADER_SIZE + (
         20 << 10
     )
-    session.start()
-    for _ in range(200):
-        if acked and acked[-1] == 3:
-            break
-        await asyncio.sleep(0.01)
-    await session.close()
+    await publish_until_acked(session, acked, 3)
     frames = [decode_frame(frame) for frame in sink.frames]
     assert [[r.seq for r in frame.records] for frame in frames] == [[1], [2], [3]]
     assert bytes(frames[1].records[0].data) == large

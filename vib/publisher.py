@@ -263,8 +263,10 @@ class PublishSession:
             while meta and (entry := _unpack_meta(meta, len(meta) - _META_SIZE))[0] >= seq:
                 first = entry[0]
                 self._pending_bytes -= entry[4]
-                chunk.used -= entry[4] - len(chunk.external)
-                chunk.external = b""
+                if chunk.external:  # its one record
+                    chunk.used, chunk.external = 0, b""
+                else:
+                    chunk.used -= entry[4]
                 del meta[len(meta) - _META_SIZE :]
             if meta:
                 break

@@ -510,10 +510,10 @@ class VmTap:
         replies: bytearray,
         max_length: int,
     ) -> tuple[int, int, int]:
-        """The NBD server's fast path (vib.nbd.export.WriteRun): the plain writes from
-        buf[pos] that need nothing but `write` does when they take its quickest way (a
-        session taking writes, no resync bracket or read window open, the extent hot, room
-        in the buffer) go through the C write path in one call."""
+        """The NBD server's fast path (vib.nbd.export.WriteRun): the writes from buf[pos]
+        that `write` would take through its quickest branch (a session taking writes, no
+        resync bracket or read window open, the extent hot, room in the buffer) go
+        through the C write path in one call; the first one that would not is left."""
         fast = disk.fast
         session = self._session
         if fast is None or session is None or self.bracket_open or self.window is not None:

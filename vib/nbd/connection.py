@@ -380,6 +380,8 @@ class NbdConnection(asyncio.BufferedProtocol):
         out = self._out
         export_write = export.write
         write_run = self._write_run
+        # Handed to write_run until a run fills it (then it is queued and replaced).
+        replies = bytearray()
         counts = self._request_counts
         max_request = self._max_request
         writable_size = -1 if self._read_only else self._size
@@ -410,12 +412,12 @@ class NbdConnection(asyncio.BufferedProtocol):
                     continue
                 else:
                     if write_run is not None and not flags:
-                        replies = bytearray()
                         pos, run, run_bytes = write_run(buf, pos, end, replies, max_request)
                         if run:
                             counts[_CMD_WRITE] += run
                             self._bytes_written += run_bytes
                             out.append(replies)
+                            replies = bytearray()
                             continue
                     start = pos + _REQUEST_SIZE
                     if end - start < length:
