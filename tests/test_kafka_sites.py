@@ -269,3 +269,45 @@ async def test_first_transactional_offsets_on_a_fresh_cluster_wait_for_its_coord
         assert await read_all(cluster, topic) == [b"copied"]
     finally:
         site.stop()
+
+
+def _site_config(site: KafkaSite) -> dict[str, str]:
+    lines = site.config_path.read_text().splitlines()
+    return dict(
+        line.split("=", 1) for line in lines if "=" in line and not line.startswith("#")
+    )
+
+
+async def test_segment_indexes_are_small_and_never_roll_a_segment_early(
+    source_site: object, source_cluster: KafkaClusterSettings
+) -> None:
+    # A 10 MiB sparse index per segment made the broker zero a read-ahead's worth of
+    # pages for each of its indexes (docs/kafka.md): the local sites keep them at 64 KiB,
+    # which must still hold the entries of a full segment.
+    if not isinstance(source_site, KafkaSite):
+        pytest.skip("an external cluster: its configuration is not ours")
+    config = _site_config(source_site)
+    segment_bytes = int(config["log.segment.bytes"])
+    index_bytes = int(config.get("log.index.size.max.bytes", 10 * MiB))  # Kafka's default
+    assert index_bytes <= 64 * 1024
+    time_index_entry = 12  # the larger of the two entries (offset index: 8 bytes)
+    assert index_bytes // time_index_entry >= segment_bytes // 4096  # index.interval.bytes
+    topic = f"dm.test.index.{random.randrange(1 << 30)}"
+    async with Admin(source_cluster) as admin:
+        await admin.create_topics([TopicSpec(topic, 1, 1, {"max.message.bytes": str(2 * MiB)})])
+    # Records of 4 KiB and a little more: each one gets an index entry, the most a
+    # segment can have, until the segment rolls at its size.
+    record = os.urandom(4096 + 100)
+    async with Producer(source_cluster, linger_ms=0) as producer:
+        count = segment_bytes // len(record) + 200
+        for start in range(0, count, 500):
+            await asyncio.gather(
+                *(producer.send(topic, record) for _ in range(min(500, count - start)))
+            )
+    partition = source_site.log_dirs / f"{topic}-0"
+    segments = sorted(partition.glob("*.log"))
+    assert len(segments) >= 2
+    # The first segment rolled because it was full, not because its index was.
+    assert segments[0].stat().st_size > segment_bytes - 2 * len(record) - 200
+    for index in [*partition.glob("*.index"), *partition.glob("*.timeindex")]:
+        assert index.stat().st_size <= index_bytes, index
