@@ -273,9 +273,7 @@ async def test_first_transactional_offsets_on_a_fresh_cluster_wait_for_its_coord
 
 def _site_config(site: KafkaSite) -> dict[str, str]:
     lines = site.config_path.read_text().splitlines()
-    return dict(
-        line.split("=", 1) for line in lines if "=" in line and not line.startswith("#")
-    )
+    return dict(line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
 
 
 async def test_segment_indexes_are_small_and_never_roll_a_segment_early(
