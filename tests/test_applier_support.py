@@ -1,6 +1,7 @@
 """Shared pieces of the applier tests (no tests here): a source VM that generates stamped
 writes and the batches the receiver would cut from them, a writer that puts batches on a
-target batch topic the way the transceiver does, and an in-process applier."""
+target batch topic the way the transceiver does, an in-process applier, and an in-memory
+journal for the edge cases of one VM's loop (crash states, pause and resume)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from prometheus_client import CollectorRegistry
 
 from datapath.integrity import OpKind, Workload, WorkloadOp, apply_op
-from datapath.journal import Batch, MarkerKind, Record, RecordKind, encode_batch
+from datapath.journal import Batch, MarkerKind, Record, RecordKind, encode_batch, peek_header
 from datapath.kafka import Admin, KafkaClusterSettings, TransactionalProducer
+from datapath.protection import Disk, ProtectedVM
 from datapath.topics import Stream, site_topic_specs, topic_name, vm_topic_specs
+from services.applier.journal_source import JournalMessage
+from services.applier.metrics import ApplierMetrics
 from services.applier.settings import ApplierSettings
+from services.applier.state import StateStore
+from services.applier.vm import ApplyTuning, VmApplier
 from services.applier.worker import ApplierWorker
 from services.receiver.folding import fold_records
 
@@ -318,3 +325,83 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {within}s waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+class MemoryJournal:
+    """A VM's target journal in memory (a JournalSource): one message per offset, no
+    transaction markers. `start_delay_s` makes `start()` slow, as a cluster that answers
+    late; `forget_before(offset)` is retention removing the journal's head."""
+
+    def __init__(self, *, start_delay_s: float = 0.0) -> None:
+        self.messages: dict[int, bytes] = {}
+        self.end = 0
+        self.log_start = 0
+        self.position_ = 0
+        self.start_delay_s = start_delay_s
+
+    def append(self, *batches: Batch, max_message_bytes: int = 64 * 1024) -> None:
+        for batch in batches:
+            for chunk in encode_batch(batch, max_message_bytes=max_message_bytes):
+                self.messages[self.end] = chunk
+                self.end += 1
+
+    def offsets_of(self, batch_index: int) -> tuple[int, int]:
+        """The first and last offset of the n-th batch appended (0-based)."""
+        firsts = [o for o, m in sorted(self.messages.items()) if peek_header(m).chunk_index == 0]
+        first = firsts[batch_index]
+        following = [o for o in firsts if o > first]
+        return first, (following[0] if following else self.end) - 1
+
+    def forget_before(self, offset: int) -> None:
+        for old in [o for o in self.messages if o < offset]:
+            del self.messages[old]
+        self.log_start = offset
+
+    async def start(self) -> None:
+        await asyncio.sleep(self.start_delay_s)
+
+    async def stop(self) -> None:
+        pass
+
+    async def seek(self, offset: int) -> None:
+        self.position_ = max(offset, self.log_start)
+
+    async def fetch(self, timeout_s: float) -> list[JournalMessage]:
+        taken = []
+        while self.position_ < self.end and len(taken) < 256:
+            taken.append(JournalMessage(self.position_, self.messages[self.position_]))
+            self.position_ += 1
+        if not taken:
+            await asyncio.sleep(timeout_s)
+        return taken
+
+    async def end_offset(self) -> int:
+        return self.end
+
+    async def position(self) -> int:
+        return self.position_
+
+
+def memory_applier(
+    vm: SourceVm,
+    disks: Sequence[Path],
+    journal: MemoryJournal,
+    state_dir: Path,
+    *,
+    pause_timeout_s: float = 5.0,
+) -> VmApplier:
+    """One VM's apply loop over `journal` (run it with `run()`), its target disks the
+    files `disks` (created with the VM's disk sizes)."""
+    protected = ProtectedVM(
+        id=vm.vm_id,
+        disks=[
+            Disk(name=f"disk{i}", source=f"/nonexistent/{i}", target=str(path), size=len(model))
+            for i, (path, model) in enumerate(zip(disks, vm.model, strict=True))
+        ],
+    )
+    store = StateStore(state_dir)
+    store.prepare()
+    tuning = ApplyTuning(
+        fetch_timeout_s=0.1, end_offset_interval_s=0.1, pause_timeout_s=pause_timeout_s
+    )
+    return VmApplier(protected, journal, store, None, ApplierMetrics(CollectorRegistry()), tuning)

@@ -17,6 +17,7 @@ from datapath.storage.linux import (
     FALLOC_FL_ZERO_RANGE,
     UNSUPPORTED_ERRNOS,
     fallocate,
+    fsync_directory,
 )
 
 log = logging.getLogger(__name__)
@@ -45,11 +46,24 @@ class FileBackend(FdBackend):
         if create_size is not None and create_size < 0:
             raise self.error("open", f"create_size {create_size} is negative")
         flags = os.O_RDONLY if readonly else os.O_RDWR
+        created = False
         if create_size is not None:
-            flags |= os.O_CREAT
-        self._open_fd(self.path, flags)
+            try:
+                self._fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                created = True
+            except OSError:
+                pass  # it exists, or the open below reports why it cannot be made
+        if not created:
+            self._open_fd(self.path, flags | (os.O_CREAT if create_size is not None else 0))
         try:
             self._size = self._settle_size(create_size)
+            if created:
+                # Data flushed into a file whose directory entry is not durable is lost
+                # with the file at a power cut, while the applier's state says applied.
+                fsync_directory(self.path.parent)
+        except OSError as exc:
+            self._abandon_open()
+            raise self.error("create", exc.strerror or str(exc), errno=exc.errno) from exc
         except BaseException:
             self._abandon_open()
             raise

@@ -1,5 +1,6 @@
 """Linux system calls the file and block device backends share: exact positional I/O on
-a file descriptor and fallocate(2) with the flags Python's os module does not offer."""
+a file descriptor, fallocate(2) with the flags Python's os module does not offer, and
+making a directory entry durable."""
 
 from __future__ import annotations
 
@@ -67,3 +68,13 @@ def pwrite_all(fd: int, offset: int, view: memoryview) -> None:
     total = len(view)
     while done < total:
         done += os.pwrite(fd, view[done:], offset + done)
+
+
+def fsync_directory(path: str | os.PathLike[str]) -> None:
+    """Makes the entries of directory `path` durable: a file created (or renamed) in it
+    survives a power loss only once its directory is flushed too."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -30,6 +30,8 @@ from typing import Any, Self
 
 from crc32c import crc32c
 
+from datapath.storage.linux import fsync_directory
+
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
@@ -208,25 +210,18 @@ class StateStore:
             _write_all(fd, image, 0)
             os.fsync(fd)
             os.replace(temporary, path)
-            self._sync_directory()
+            fsync_directory(self.directory)
         except BaseException:
             os.close(fd)
             raise
         return fd
-
-    def _sync_directory(self) -> None:
-        directory = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
 
     def _retire_legacy(self, vm_id: str) -> None:
         """The legacy file goes once the slotted one holds a saved state."""
         legacy = self.legacy_path(vm_id)
         if legacy.exists():
             legacy.unlink()
-            self._sync_directory()
+            fsync_directory(self.directory)
 
     def close(self) -> None:
         files, self._files = self._files, {}

@@ -23,6 +23,7 @@ the durable state after a pause, which re-applies an interrupted unit first.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
@@ -50,6 +51,9 @@ from services.applier.state import ApplyIntent, Health, StateStore, VmState
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# How often a resume checks whether the loop applies again (or a newer pause came).
+_CONTROL_POLL_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +175,7 @@ class VmApplier:
         self._last_fetch_empty = False
         self._state_loaded = False
         self._pause_requested = False
+        self._pause_decided = False
         self._paused = asyncio.Event()
         self._running = asyncio.Event()
         self._wake = asyncio.Event()
@@ -189,28 +194,47 @@ class VmApplier:
 
     async def pause(self) -> VmState:
         """Returns once the current unit is finished and durable and no more will be
-        applied. Survives a restart of the applier (the state file remembers it)."""
-        self._pause_requested = True
+        applied. Survives a restart of the applier (the state file remembers it).
+
+        Never while the target disks may hold part of a unit (`dirty`): a redo under
+        way finishes first; disks that no redo can repair (the unit is gone from the
+        journal) wait for a full resync, and the pause times out meanwhile."""
+        self._pause_requested = self._pause_decided = True
         self._running.clear()
         self._wake.set()
         try:
             await asyncio.wait_for(self._paused.wait(), self.tuning.pause_timeout_s)
         except TimeoutError as exc:
+            intent = self.state.intent
+            dirty = (
+                f"; its target disks are dirty (they may hold part of seq "
+                f"{intent.first_seq}..{intent.last_seq}) until "
+                + ("the redo completes" if self.state.health is Health.OK else "a full resync")
+                if intent is not None
+                else ""
+            )
             raise PauseTimeout(
                 f"VM {self.vm_id} did not pause within {self.tuning.pause_timeout_s}s "
-                f"(phase {self.phase}{': ' + self.last_error if self.last_error else ''})"
+                f"(phase {self.phase}{': ' + self.last_error if self.last_error else ''}"
+                f"{dirty})"
             ) from exc
         return self.state
 
     async def resume(self) -> VmState:
-        self._pause_requested = False
-        self._paused.clear()
+        """Returns once the loop applies again, or a newer pause was asked for. The
+        pause flag stays set until the loop has left the pause: a pause asked for
+        meanwhile finds the loop still holding it."""
+        self._pause_requested, self._pause_decided = False, True
         self._wake.set()
-        try:
-            await asyncio.wait_for(self._running.wait(), self.tuning.pause_timeout_s)
-        except TimeoutError:
-            # Not running (recovering from an error): it resumes when it comes back.
-            log.warning("VM %s: resume recorded, the apply loop is not running", self.vm_id)
+        deadline = time.monotonic() + self.tuning.pause_timeout_s
+        while not self._running.is_set() and not self._pause_requested:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                # Not running (recovering from an error): it resumes when it comes back.
+                log.warning("VM %s: resume recorded, the apply loop is not running", self.vm_id)
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._running.wait(), min(remaining, _CONTROL_POLL_S))
         return self.state
 
     @property
@@ -223,7 +247,9 @@ class VmApplier:
         self.phase = "starting"
         state = await asyncio.to_thread(self.store.load, self.vm_id)
         if not self._state_loaded:
-            self._pause_requested = state.paused
+            # The durable pause, unless an operator asked for something since we started.
+            if not self._pause_decided:
+                self._pause_requested = state.paused
             self._state_loaded = True
         self._set_state(state)
         self._reset_reading()
@@ -231,16 +257,22 @@ class VmApplier:
         try:
             await self.source.start()
             self.started = True
-            if state.health is Health.NEEDS_RESYNC:
-                self._report("needs-resync")
-            elif state.intent is not None:
+            if state.intent is not None:
+                # Whatever the health: the disks may hold part of the unit, and only
+                # applying it whole (or a full resync, if it cannot be read) repairs them.
                 await self._redo(state.intent)
+            if self.state.health is Health.NEEDS_RESYNC:
+                self._report("needs-resync")
             await self._seek(self.state.next_offset)
             self.last_error = ""
             while True:
-                if self._pause_requested:
+                if self._pause_requested and self.state.intent is None:
                     await self._hold_paused()
                     continue
+                if not self._pause_requested and self.state.paused:
+                    # Resumed while the loop was not holding the pause (starting,
+                    # recovering from an error): the state file must say so too.
+                    await self._save(self.state.with_changes(paused=False))
                 self._running.set()
                 self.phase = self._idle_phase()
                 await self._fill()
@@ -267,6 +299,7 @@ class VmApplier:
         self._paused.set()
         self.metrics.paused.labels(vm=self.vm_id).set(1)
         while self._pause_requested:
+            self._paused.set()
             if not self._pending and self._bracket is None:
                 # Read ahead (without applying) so the RPO stays measured while paused.
                 await self._fill()
@@ -395,7 +428,9 @@ class VmApplier:
         unit_bytes = 0
         cursor = self.state.applied_seq
         epoch = self.state.epoch
-        while self._pending and not self._pause_requested:
+        while self._pending and not (self._pause_requested and self.state.intent is None):
+            # (Dirty disks wait for a resync even while a pause is asked for: only
+            # applying one makes them pausable.)
             item = self._pending[0]
             if item.batch is None:
                 await self._apply_unit(unit)
@@ -436,7 +471,10 @@ class VmApplier:
                     cursor, epoch = self.state.applied_seq, self.state.epoch
                 continue
             await self._stop_for_resync(
-                verdict.value, self._describe(verdict, batch, cursor), item.start_offset
+                verdict.value,
+                self._describe(verdict, batch, cursor),
+                item.start_offset,
+                seen_ts_ns=batch.min_ts_ns,
             )
             cursor, epoch = self.state.applied_seq, self.state.epoch
         await self._apply_unit(unit)
@@ -492,6 +530,9 @@ class VmApplier:
         """Takes a batch of a resync bracket; True once the bracket is complete."""
         batch = item.batch
         assert batch is not None
+        # Checked as it arrives, so that a bracket the disks cannot take is refused
+        # before any of it is written (it is applied only once complete).
+        self._require_disks().check([batch])
         bracket = self._bracket
         if bracket is None:
             bracket = self._bracket = _Bracket(
@@ -605,6 +646,9 @@ class VmApplier:
         self.phase = "applying-resync" if intent.resync_id else "redo"
         disks = self._require_disks()
         started = time.monotonic()
+        # A redo, or a resync repairing disks a failed redo left torn: the disks are
+        # dirty before this unit writes anything.
+        dirty = self.state.intent is not None
         await self._save(self.state.with_changes(intent=intent))
         await self._seek(intent.start_offset)
         assembler = BatchAssembler()
@@ -618,10 +662,16 @@ class VmApplier:
             done = False
             while not done:
                 messages = await self.source.fetch(self.tuning.fetch_timeout_s)
-                if not messages and await self.source.end_offset() <= intent.end_offset:
-                    raise _UnitBroken(
-                        f"the journal ends before offset {intent.end_offset} (topic recreated?)"
-                    )
+                if not messages:
+                    if await self.source.end_offset() <= intent.end_offset:
+                        raise _UnitBroken(
+                            f"the journal ends before offset {intent.end_offset} (topic recreated?)"
+                        )
+                    if cursor is None and await self.source.position() > intent.end_offset:
+                        raise _UnitBroken(
+                            f"the journal no longer holds offsets {intent.start_offset}.."
+                            f"{intent.end_offset} (removed by retention?)"
+                        )
                 for message in messages:
                     if message.offset >= intent.end_offset:
                         done = True
@@ -662,10 +712,11 @@ class VmApplier:
                 raise _UnitBroken(f"the unit ends at seq {cursor}, expected {intent.last_seq}")
         except _UnitBroken as exc:
             detail = f"cannot apply seq {intent.first_seq}..{intent.last_seq} whole: {exc}"
-            # Nothing written: the target is still consistent, drop the intent. Otherwise
-            # keep it: the disks are dirty until a resync repairs them.
+            # Nothing written, now or by an attempt before: the target is still
+            # consistent, drop the intent. Otherwise keep it: the disks are dirty until a
+            # full resync repairs them.
             await self._stop_for_resync(
-                "unit-unreadable", detail, intent.end_offset, keep_intent=written
+                "unit-unreadable", detail, intent.end_offset, keep_intent=written or dirty
             )
             return
         await _blocking(disks.flush, touched)
@@ -700,17 +751,30 @@ class VmApplier:
         m.apply_age.labels(vm=label).observe(max(0.0, (time.time_ns() - oldest_ts_ns) / 1e9))
 
     async def _stop_for_resync(
-        self, reason: str, detail: str, offset: int, *, keep_intent: bool = False
+        self,
+        reason: str,
+        detail: str,
+        offset: int,
+        *,
+        keep_intent: bool = False,
+        seen_ts_ns: int | None = None,
     ) -> None:
+        """seen_ts_ns: the source time of the oldest write seen and not applied (the
+        RPO counts from it when nothing was ever applied)."""
         log.error("VM %s stops: %s: %s; a resync is needed", self.vm_id, reason, detail)
         self.metrics.gaps.labels(vm=self.vm_id, reason=reason).inc()
         self._bracket = None
+        missing_since = int(self.state.extra.get("missing_since_ns") or 0) or seen_ts_ns
         await self._save(
             self.state.with_changes(
                 health=Health.NEEDS_RESYNC,
                 reason=f"{reason}: {detail}",
                 intent=self.state.intent if keep_intent else None,
-                extra={"resync_after_offset": offset, "problem": reason},
+                extra={
+                    "resync_after_offset": offset,
+                    "problem": reason,
+                    "missing_since_ns": missing_since or time.time_ns(),
+                },
             )
         )
         self._report("needs-resync")
@@ -742,7 +806,12 @@ class VmApplier:
         state = self.state
         if state.health is Health.NEEDS_RESYNC or state.intent is not None:
             # Stuck: every write since the last applied one is missing on the target.
-            base = state.source_ts_ns or self._oldest_known_ts()
+            # With nothing ever applied, every write is: count from the oldest seen.
+            base = (
+                state.source_ts_ns
+                or int(state.extra.get("missing_since_ns") or 0)
+                or self._oldest_known_ts()
+            )
             return max(0.0, (now - base) / 1e9) if base else 0.0
         oldest = self._oldest_known_ts()
         if oldest is not None:
