@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from vib.activity_log import RECORD_SIZE, RING_RECORDS, ActivityLog, HotExtent
+from vib import activity_log
+from vib.activity_log import MAX_SLOTS, RECORD_SIZE, RING_RECORDS, ActivityLog, HotExtent
+from vib.settings import TapSettings
 
 EXTENT = 1 << 20
 
@@ -44,9 +46,9 @@ async def write(log: ActivityLog, disk: int, offset: int, length: int, gen: int)
     log.end_write(disk, offset, length, gen)
 
 
-def recovered(path: Path) -> set[HotExtent]:
+def recovered(path: Path, slots: int = 4096) -> set[HotExtent]:
     """What a tap restarted after a crash finds (the old instance is never closed)."""
-    return set(open_log(path, Coverage(), slots=4096).recovered)
+    return set(open_log(path, Coverage(), slots=slots).recovered)
 
 
 async def test_a_cold_extent_is_durably_hot_before_the_write_proceeds(tmp_path: Path) -> None:
@@ -142,3 +144,49 @@ def test_bad_geometry_is_refused(tmp_path: Path) -> None:
         ActivityLog(
             tmp_path / "al", extent_size=3 << 20, covered=coverage, make_room=coverage.make_room
         )
+
+
+async def test_the_largest_table_is_recovered_whole_after_the_ring_wrapped(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "al"
+    log = open_log(path, Coverage(), slots=MAX_SLOTS)
+    for extent in range(RING_RECORDS + 9):  # one transaction each: the ring wraps
+        await write(log, 0, extent * EXTENT, 4096, extent + 1)
+    # Nothing is safe yet: every extent, the first one included, must come back.
+    assert recovered(path, MAX_SLOTS) == {
+        HotExtent(0, extent * EXTENT, EXTENT) for extent in range(RING_RECORDS + 9)
+    }
+
+
+def test_a_table_the_ring_cannot_describe_is_refused(tmp_path: Path) -> None:
+    coverage = Coverage()
+    with pytest.raises(ValueError, match="slots"):
+        ActivityLog(
+            tmp_path / "al", slots=MAX_SLOTS + 1, covered=coverage, make_room=coverage.make_room
+        )
+    with pytest.raises(ValueError, match="activity_log_slots"):
+        TapSettings(plan=tmp_path / "plan.yaml", activity_log_slots=MAX_SLOTS + 1)
+
+
+async def test_retirements_are_synced_before_they_could_wrap_the_ring(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "al"
+    coverage = Coverage()
+    log = open_log(path, coverage, slots=2048)
+    hot = 1100  # retiring them all takes more records than half the ring
+    await asyncio.gather(*(write(log, 0, i * EXTENT, 4096, 1) for i in range(hot)))
+    coverage.covered = 1
+    syncs = []
+    real_fdatasync = os.fdatasync
+
+    def counting_fdatasync(fd: int) -> None:
+        syncs.append(fd)
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(activity_log.os, "fdatasync", counting_fdatasync)
+    log.retire_idle()
+    assert log.retire_idle() == hot
+    assert syncs, "a ring's worth of retirements went unsynced"
+    assert recovered(path, 2048) == set()

@@ -43,7 +43,15 @@ MAGIC = 0x4C41_4D44  # "DMAL" little-endian
 VERSION = 1
 MAX_UPDATES = 64
 CONTEXT_SLOTS = 256
-MAX_SLOTS = 0xFFFE
+# The ring must always describe the whole table: each record carries one context slice,
+# so the RING_RECORDS records on disk cover at most this many slots. With more, a hot
+# slot's last update can be overwritten before its slice is written again, and a crash
+# then forgets the extent (its writes would never be resynced).
+MAX_SLOTS = RING_RECORDS * CONTEXT_SLOTS
+# Records written without fdatasync (retirements) in a row before one is synced: more
+# than a ring's worth could leave, after a host crash, a disk image where none names an
+# extent still hot.
+_MAX_UNSYNCED = RING_RECORDS // 2
 EMPTY_DISK = 0xFFFF
 
 # magic, version, n_updates, txn, context_start, n_context, total_slots, extent_size, crc
@@ -124,6 +132,7 @@ class ActivityLog:
         self._txn = 0
         self._next_record = 0
         self._context_cursor = 0
+        self._unsynced = 0
         self.tick = 0  # advanced by retire_idle(); writes stamp their slot with it
         self._closed = False
         self.commits = 0  # transactions made durable with fdatasync
@@ -152,7 +161,7 @@ class ActivityLog:
         self._hot.clear()
         self._free = list(range(self.slots - 1, -1, -1))
         for _ in range(self._context_records()):
-            self._write_record([], sync=False)
+            self._store_record(*self._encode_record([]), sync=False)
         self._sync()
         self.recovered = []
 
@@ -311,7 +320,10 @@ class ActivityLog:
                     self._table[index] = key
                     self._hot[key].index = index
                     updates.append((index, key))
-                await asyncio.to_thread(self._write_record, updates, True)
+                # Numbered and encoded here, on the loop (retire_idle writes records
+                # too); only the I/O runs in the thread.
+                record = self._encode_record(updates)
+                await asyncio.to_thread(self._store_record, *record, sync=True)
                 self.commits += 1
                 for key in batch:
                     slot = self._hot[key]
@@ -376,7 +388,8 @@ class ActivityLog:
             self._free.append(slot.index)
             updates.append((slot.index, None))
         for start in range(0, len(updates), MAX_UPDATES):
-            self._write_record(updates[start : start + MAX_UPDATES], sync=False)
+            record = self._encode_record(updates[start : start + MAX_UPDATES])
+            self._store_record(*record, sync=self._unsynced + 1 >= _MAX_UNSYNCED)
         return len(victims)
 
     # -- the file ------------------------------------------------------------------------
@@ -384,7 +397,10 @@ class ActivityLog:
     def _context_records(self) -> int:
         return (self.slots + CONTEXT_SLOTS - 1) // CONTEXT_SLOTS
 
-    def _write_record(self, updates: Iterable[tuple[int, int | None]], sync: bool) -> None:
+    def _encode_record(self, updates: Iterable[tuple[int, int | None]]) -> tuple[int, bytearray]:
+        """The next transaction record (its ring position and bytes), with the context
+        slice of the table as it stands now. On the event loop only: it advances the
+        ring, the transaction number and the context cursor."""
         buf = bytearray(RECORD_SIZE)
         n_updates = 0
         for slot, key in updates:
@@ -430,12 +446,17 @@ class ActivityLog:
         position = self._next_record
         self._next_record = (position + 1) % RING_RECORDS
         self._txn += 1
+        return position, buf
+
+    def _store_record(self, position: int, buf: bytearray, *, sync: bool) -> None:
+        """Writes an encoded record (in a thread, or inline for the unsynced ones)."""
         try:
             os.pwrite(self._fd, buf, position * RECORD_SIZE)
             if sync:
                 os.fdatasync(self._fd)
         except OSError as exc:
             raise ActivityLogError(exc.errno, f"activity log {self.path}: {exc.strerror}") from exc
+        self._unsynced = 0 if sync else self._unsynced + 1
 
     def _sync(self) -> None:
         try:

@@ -56,8 +56,8 @@ _READ_ATTEMPTS = 3
 
 
 class Resync:
-    """One bracket over the regions dirty when it starts (their bits are snapshotted and
-    RESYNC_START is numbered in the constructor); `run()` publishes them."""
+    """One bracket over the regions dirty when it starts: `open()` snapshots their bits
+    and numbers RESYNC_START in one synchronous stretch, `run()` publishes them."""
 
     def __init__(self, vm: VmTap, session: PublishSession, *, full: bool, chunk_bytes: int) -> None:
         self.vm = vm
@@ -65,13 +65,8 @@ class Resync:
         self.full = full
         self.chunk_bytes = chunk_bytes
         self.granularity = vm.settings.bitmap_granularity
-        # Taken in the same synchronous stretch as RESYNC_START is numbered.
-        self.snapshots = [disk.bitmap.snapshot() for disk in vm.disks]
-        self.total_bytes = sum(
-            length
-            for disk, snap in zip(vm.disks, self.snapshots, strict=True)
-            for _, length in disk.bitmap.runs(snap)
-        )
+        self.snapshots: list[Any] = []
+        self.total_bytes = 0
         self.done_bytes = 0
         self.data_bytes = 0  # sent as SYNC_BLOCK
         self.zero_bytes = 0  # sent as ZERO ranges
@@ -81,37 +76,55 @@ class Resync:
         self.finished_at: float | None = None
         self.state = "running"
         self.abandoned = False
-        self.marker_id = self._start_marker()
-        log.info(
-            "VM %s: %s started (marker %d, %d bytes dirty)",
-            vm.vm_id,
-            self.kind,
-            self.marker_id,
-            self.total_bytes,
-        )
+        self.marker_id = 0
 
-    def _start_marker(self) -> int:
+    def open(self) -> None:
+        """Snapshots the dirty bits and numbers RESYNC_START, with no await in between.
+
+        The tap must already know this resync as its current one: RESYNC_START itself may
+        fill the buffer, and the overflow then abandons this bracket (`abandoned` is set
+        when this returns), not the one before it."""
+        vm = self.vm
+        self.snapshots = [disk.bitmap.snapshot() for disk in vm.disks]
+        self.total_bytes = sum(
+            length
+            for disk, snap in zip(vm.disks, self.snapshots, strict=True)
+            for _, length in disk.bitmap.runs(snap)
+        )
         # The marker's id is its own sequence number: unique, and known before it is sent.
         # From here to RESYNC_END, live writes reach the target only with the bracket.
-        self.vm.bracket_open = True
-        marker_id = self.vm.last_seq_assigned + 1
-        self.vm.emit(
+        vm.bracket_open = True
+        self.marker_id = vm.last_seq_assigned + 1
+        vm.emit(
             self.session,
             RecordKind.MARKER,
             0,
             0,
             0,
             marker=MarkerKind.RESYNC_START,
-            marker_id=marker_id,
+            marker_id=self.marker_id,
         )
-        return marker_id
+        log.info(
+            "VM %s: %s %s (marker %d, %d bytes dirty)",
+            vm.vm_id,
+            self.kind,
+            "abandoned at its start: the buffer is full" if self.abandoned else "started",
+            self.marker_id,
+            self.total_bytes,
+        )
 
     def abandon(self) -> None:
         """The bracket must never end (nor clear a bit): the tap stopped publishing, or
         stopped taking writes while it was open. Set synchronously, so it holds even where
-        a cancellation of the task running it is lost."""
+        a cancellation of the task running it is lost, and checked before every record it
+        numbers (a full buffer abandons it in the middle of a chunk's records)."""
         self.abandoned = True
         self.state = "abandoned"
+
+    @property
+    def finished(self) -> bool:
+        """Complete, abandoned or failed: nothing left to abandon."""
+        return self.state in ("complete", "abandoned", "failed")
 
     def _going_on(self) -> bool:
         return self.session.active and not self.abandoned
@@ -276,7 +289,10 @@ class Resync:
     def _emit_run(
         self, disk: TapDisk, offset: int, view: memoryview, start: int, stop: int, zero: bool
     ) -> None:
-        if stop <= start:
+        if stop <= start or not self._going_on():
+            # Abandoned by the run before (it filled the buffer): the records of this
+            # chunk would land in the draining session, numbered after the bracket's
+            # dropped start, as plain records outside any bracket.
             return
         if zero:
             self.vm.emit(self.session, RecordKind.ZERO, disk.index, offset + start, stop - start)

@@ -10,6 +10,8 @@ from typing import Self
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from vib.activity_log import MAX_SLOTS as ACTIVITY_LOG_MAX_SLOTS
+
 
 class OutagePolicy(StrEnum):
     """What the tap does when Kafka is unreachable or its buffer is full."""
@@ -70,7 +72,12 @@ class TapSettings(BaseSettings):
     )
 
     extent_size: int = Field(default=4 << 20, description="activity log extent (power of 2)")
-    activity_log_slots: int = Field(default=1024, ge=1, le=0xFFFE)
+    activity_log_slots: int = Field(
+        default=1024,
+        ge=1,
+        le=ACTIVITY_LOG_MAX_SLOTS,
+        description="extents that can be hot at once (each names extent_size of disk)",
+    )
     retire_interval_s: float = Field(default=1.0, gt=0)
     writeback_interval_s: float = Field(
         default=1.0,

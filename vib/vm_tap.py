@@ -980,11 +980,13 @@ class VmTap:
     def _abandon_resync(self) -> None:
         """Stops the resync under way for good: its bracket never ends and every bit stays
         for the next one. Abandoned, not only cancelled: a cancellation can be lost
-        (asyncio.wait_for swallows one that meets the wake-up it waits for)."""
+        (asyncio.wait_for swallows one that meets the wake-up it waits for). Also one
+        whose task has not started yet (its RESYNC_START filled the buffer)."""
+        resync = self.resync
+        if resync is not None and not resync.finished:
+            resync.abandon()
         task = self._resync_task
         if task is not None and not task.done():
-            if self.resync is not None:
-                self.resync.abandon()
             task.cancel()
         self.bracket_open = False
         for disk in self.disks:
@@ -994,7 +996,12 @@ class VmTap:
         full = self.state.full_sync_pending
         chunk = min(self.settings.resync_chunk_bytes, self._frame_max)
         resync = Resync(self, session, full=full, chunk_bytes=chunk)
+        # Current before its RESYNC_START is numbered: an overflow on that very record
+        # must abandon this bracket (and drop only its own records), not the last one.
         self.resync = resync
+        resync.open()
+        if resync.abandoned:
+            return  # the resync after the drain takes its bits
         requests = self._full_sync_requests
         self._resync_task = asyncio.create_task(
             self._run_resync(resync, session, full, requests), name=f"resync-{self.vm_id}"
