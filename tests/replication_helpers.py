@@ -146,7 +146,9 @@ def _data(rng: random.Random, length: int = BLOCK) -> bytes:
     return rng.randbytes(half) + bytes([rng.randrange(256)]) * (length - half)
 
 
-async def publish(cluster: KafkaClusterSettings, vm_id: str, frames: Iterable[bytes]) -> None:
+async def publish(
+    cluster: KafkaClusterSettings, vm_id: str, frames: Iterable[bytes | None]
+) -> None:
     topic = topic_name(Stream.TAP, vm_id)
     async with Producer(cluster) as producer:
         deliveries = [await producer.send(topic, frame, partition=0) for frame in frames]
@@ -156,14 +158,15 @@ async def publish(cluster: KafkaClusterSettings, vm_id: str, frames: Iterable[by
 
 async def read_topic(
     cluster: KafkaClusterSettings, topic: str, *, timeout_s: float = 30.0
-) -> list[bytes]:
-    """Every committed record of partition 0 of ``topic`` up to its current end."""
+) -> list[bytes | None]:
+    """Every committed record's value (None: it has none) of partition 0 of ``topic`` up
+    to its current end."""
     tp = TopicPartition(topic, 0)
     async with Consumer(cluster, isolation_level="read_committed") as consumer:
         consumer.assign([tp])
         await consumer.seek_to_beginning(tp)
         end = (await consumer.end_offsets([tp]))[tp]
-        values: list[bytes] = []
+        values: list[bytes | None] = []
         deadline = time.monotonic() + timeout_s
         while await consumer.position(tp) < end:
             if time.monotonic() > deadline:
@@ -177,6 +180,8 @@ async def read_batches(cluster: KafkaClusterSettings, vm_id: str) -> list[Batch]
     assembler = BatchAssembler()
     batches = []
     for value in await read_topic(cluster, topic_name(Stream.BATCH, vm_id)):
+        if value is None:
+            continue  # no chunk (tests/test_transceiver_kafka.py puts one there)
         batch = assembler.add(value)
         if batch is not None:
             batches.append(batch)

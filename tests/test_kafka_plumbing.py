@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import socket
+import threading
 from typing import Any
 
 import aiokafka.errors as driver
@@ -539,3 +540,39 @@ async def test_a_refused_record_fails_its_transaction_without_being_awaited(
     async with Consumer(source_cluster, group_id=group) as consumer:
         assert await consumer.committed(source) is None
     assert await read_topic(source_cluster, spec.name) == [b"committed"]
+
+
+class _IdleDriver:
+    """A librdkafka producer stand-in for the wrapper's lifecycle: nothing to deliver."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+    def poll(self, timeout: float) -> int:
+        threading.Event().wait(timeout)
+        return 0
+
+    def list_topics(self, timeout: float | None = None) -> None:
+        return None
+
+    def flush(self, timeout: float | None = None) -> int:
+        return 0
+
+    def purge(self, *args: Any) -> None:
+        pass
+
+
+async def test_a_start_while_a_stop_tears_down_leaves_no_report_thread_behind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A receiver reopening a VM restarts its producer while the close of a failed
+    # transaction's producer may still be joining the delivery-report thread.
+    monkeypatch.setattr(rdkafka, "Producer", _IdleDriver)
+    producer = Producer(KafkaClusterSettings(bootstrap_servers="127.0.0.1:1", client_id="lc"))
+    await producer.start()
+    stopping = asyncio.create_task(producer.stop())
+    await asyncio.sleep(0.01)  # the stop is joining the report thread now
+    await producer.start()
+    await asyncio.wait_for(stopping, 5)
+    await asyncio.wait_for(producer.stop(), 5)
+    assert not [t for t in threading.enumerate() if t.name == "kafka-deliveries-lc"]

@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+import pytest
 from replication_helpers import (
     TapStream,
     check_batches,
@@ -20,7 +21,8 @@ from replication_helpers import (
 )
 
 from datapath.journal import encode_frame
-from datapath.kafka import KafkaClusterSettings
+from datapath.kafka import KafkaClusterSettings, KafkaUnavailable, TransactionalProducer
+from datapath.protection import ProtectedVM
 from datapath.topics import Stream, topic_name
 from services.receiver.app import create_app as receiver_app
 from services.receiver.settings import ReceiverSettings
@@ -97,6 +99,7 @@ async def test_corrupt_tap_record_is_quarantined_and_a_resync_requested(
     good_after = [stream.frame(10) for _ in range(3)]
     await publish(source_cluster, vm, [*good_before, bytes(corrupt), *good_after])
     await publish(source_cluster, vm, [encode_frame("another-vm", 1, stream.records[:1])])
+    await publish(source_cluster, vm, [None])  # a message without a value
 
     receiver = Receiver(receiver_settings(plan))
     await receiver.start()
@@ -116,13 +119,58 @@ async def test_corrupt_tap_record_is_quarantined_and_a_resync_requested(
 
     dead = await read_topic(source_cluster, topic_name(Stream.DEADLETTER, vm))
     assert dead[0] == bytes(corrupt)
-    assert len(dead) == 2, "the frame of another VM is quarantined too"
+    assert dead[1:] == [encode_frame("another-vm", 1, stream.records[:1]), b""], (
+        "the frame of another VM and the message without a value are quarantined too"
+    )
     events = [json.loads(v) for v in await read_topic(source_cluster, topic_name(Stream.STATUS))]
     mine = [e for e in events if e["vm_id"] == vm]
     assert {
         (e["type"], e["reason"], e["first_seq"], e["last_seq"], e["tap_offset"]) for e in mine
     } >= {("resync_request", "corrupt_record", first_bad, last_bad, 3)}
     assert "CRC32C" in mine[0]["detail"]
+
+
+async def test_a_vm_that_cannot_be_opened_holds_up_no_other_and_opens_later(
+    source_cluster: KafkaClusterSettings,
+    target_cluster: KafkaClusterSettings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stuck, other = (f"rcv-{uuid.uuid4().hex[:10]}" for _ in range(2))
+    await create_topics(source_cluster, [stuck, other])
+    plan = write_plan(tmp_path / "plan.yaml", source_cluster, target_cluster, [stuck, other])
+    streams = {vm: TapStream(vm, random.Random(i)) for i, vm in enumerate((stuck, other))}
+    for vm, stream in streams.items():
+        await publish(source_cluster, vm, [stream.frame(10) for _ in range(3)])
+    refusals = 3
+    real_new_producer = Receiver._new_producer
+
+    def new_producer(receiver: Receiver, vm: ProtectedVM) -> TransactionalProducer:
+        producer = real_new_producer(receiver, vm)
+        nonlocal refusals
+        if vm.id == stuck and refusals:
+            refusals -= 1
+
+            async def refuse() -> None:
+                # As a transaction coordinator that stays away (each attempt would have
+                # waited seconds before, and every VM's batching with it).
+                raise KafkaUnavailable("coordinator not available")
+
+            producer.start = refuse  # type: ignore[method-assign]
+        return producer
+
+    monkeypatch.setattr(Receiver, "_new_producer", new_producer)
+    receiver = Receiver(receiver_settings(plan, kafka_retry_backoff_s=0.2))
+    await receiver.start()
+    try:
+        other_last = streams[other].records[-1].seq
+        await wait_for_batches(source_cluster, other, other_last, timeout_s=30)
+        assert not receiver.status()["vms"][stuck]["healthy"]
+        await wait_for_batches(source_cluster, stuck, streams[stuck].records[-1].seq, timeout_s=30)
+        assert receiver.kafka_metrics.retries_of("receiver_open") == 3
+        assert receiver.status()["vms"][stuck]["last_error"] is None
+    finally:
+        await receiver.stop()
 
 
 async def test_receivers_share_vms_and_hand_them_over_without_loss_or_duplicate(

@@ -4,13 +4,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+from aiokafka.admin import RecordsToDelete
+from aiokafka.structs import TopicPartition
 from replication_helpers import (
     TapStream,
     check_batches,
@@ -22,7 +26,7 @@ from replication_helpers import (
     write_plan,
 )
 
-from datapath.kafka import KafkaClusterSettings
+from datapath.kafka import Admin, KafkaClusterSettings, KafkaError, Producer
 from datapath.localsite import KafkaSite
 from datapath.topics import Stream, topic_name
 from services.receiver.settings import ReceiverSettings
@@ -94,6 +98,96 @@ async def test_tap_frames_reach_the_target_once_in_order_for_three_vms(
         values = await read_topic(target_cluster, topic_name(Stream.OFFSETS, vm))
         progress = decode_progress(values[-1])
         assert progress.last_seq == streams[vm].records[-1].seq
+
+
+async def test_a_message_without_a_value_is_copied_as_it_is_and_copying_goes_on(
+    source_cluster: KafkaClusterSettings, target_cluster: KafkaClusterSettings, tmp_path: Path
+) -> None:
+    (vm,) = new_vms(1)
+    await asyncio.gather(create_topics(source_cluster, [vm]), create_topics(target_cluster, [vm]))
+    plan = write_plan(tmp_path / "plan.yaml", source_cluster, target_cluster, [vm])
+    stream = TapStream(vm, random.Random(8))
+    async with running(plan) as transceiver:
+        await publish(source_cluster, vm, [stream.frame(10)])
+        await wait_for_batches(target_cluster, vm, stream.records[-1].seq, timeout_s=60)
+        async with Producer(source_cluster) as producer:
+            await producer.send_and_wait(topic_name(Stream.BATCH, vm), None, partition=0)
+        await publish(source_cluster, vm, [stream.frame(10)])
+        target = await wait_for_batches(target_cluster, vm, stream.records[-1].seq, timeout_s=60)
+        check_batches(target, stream.records)
+        assert transceiver.status()["vms"][vm]["healthy"]
+    assert (await read_topic(target_cluster, topic_name(Stream.BATCH, vm))).count(None) == 1
+
+
+async def test_records_retention_removes_before_they_are_copied_are_counted_as_lost(
+    source_cluster: KafkaClusterSettings, target_cluster: KafkaClusterSettings, tmp_path: Path
+) -> None:
+    (vm,) = new_vms(1)
+    await asyncio.gather(create_topics(source_cluster, [vm]), create_topics(target_cluster, [vm]))
+    plan = write_plan(tmp_path / "plan.yaml", source_cluster, target_cluster, [vm])
+    topic = topic_name(Stream.BATCH, vm)
+    size = 10_000
+    async with Producer(source_cluster) as producer:
+        await producer.send_and_wait(topic, os.urandom(size), partition=0)
+        async with running(
+            plan,
+            receiver=False,
+            bandwidth_bytes_per_s=size,
+            burst_bytes=size,
+            max_transaction_messages=1,
+        ) as transceiver:
+            await wait_until_true(lambda: transceiver.status()["vms"][vm]["position"] == 1)
+            for _ in range(10):
+                await producer.send_and_wait(topic, os.urandom(size), partition=0)
+            # The copier waits for its throttle (about 1 s a message) when retention
+            # removes everything: what it took is copied, the rest is gone.
+            await asyncio.sleep(0.3)
+            async with Admin(source_cluster) as admin:
+                await admin.driver.delete_records(
+                    {TopicPartition(topic, 0): RecordsToDelete(before_offset=11)}
+                )
+            lost = transceiver.metrics.backlog_lost.labels(vm=vm)
+            await wait_until_true(lambda: lost._value.get() > 0)
+            status = transceiver.status()["vms"][vm]
+            assert status["copied_messages"] + lost._value.get() == 11, status
+
+
+async def test_a_recreated_source_topic_is_copied_from_its_start(
+    source_cluster: KafkaClusterSettings, target_cluster: KafkaClusterSettings, tmp_path: Path
+) -> None:
+    (vm,) = new_vms(1)
+    await asyncio.gather(create_topics(source_cluster, [vm]), create_topics(target_cluster, [vm]))
+    plan = write_plan(tmp_path / "plan.yaml", source_cluster, target_cluster, [vm])
+    topic = topic_name(Stream.BATCH, vm)
+    async with Producer(source_cluster) as producer:
+        for _ in range(5):
+            await producer.send_and_wait(topic, os.urandom(100), partition=0)
+    async with running(plan, receiver=False) as transceiver:
+        await wait_until_true(lambda: transceiver.status()["vms"][vm]["position"] == 5)
+    async with Admin(source_cluster) as admin:
+        await admin.delete_topics([topic])
+    await wait_until_recreated(source_cluster, vm)
+    fresh = [os.urandom(100) for _ in range(2)]
+    async with Producer(source_cluster) as producer:
+        for value in fresh:
+            await producer.send_and_wait(topic, value, partition=0)
+    async with running(plan, receiver=False) as transceiver:
+        await wait_until_true(lambda: transceiver.status()["vms"][vm]["copied_messages"] == 2)
+        assert transceiver.metrics.backlog_lost.labels(vm=vm)._value.get() == 0
+    assert (await read_topic(target_cluster, topic))[-2:] == fresh
+
+
+async def wait_until_recreated(cluster: KafkaClusterSettings, vm: str) -> None:
+    """Creates the VM's topics again once the deletion let it (it completes in the
+    background on the broker)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            await create_topics(cluster, [vm])
+            return
+        except KafkaError:
+            assert time.monotonic() < deadline, "the deleted topic could not be created again"
+            await asyncio.sleep(0.2)
 
 
 async def test_periodic_mode_copies_at_ticks_only_and_the_throttle_paces_it(
@@ -172,3 +266,10 @@ async def test_target_down_for_30_seconds_loses_nothing_and_catches_up(
                 check_batches(batches, stream.records)
     finally:
         await asyncio.to_thread(site.stop)
+
+
+async def wait_until_true(predicate: Callable[[], bool], *, within: float = 60.0) -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)

@@ -72,7 +72,10 @@ class Admin(AsyncClient):
     async def stop(self) -> None:
         admin, self._admin = self._admin, None
         if admin is not None:
-            await admin.close()
+            try:
+                await admin.close()
+            except DRIVER_ERRORS as exc:
+                raise translate(exc) from exc
 
     async def create_topics(self, specs: Iterable[TopicSpec]) -> list[str]:
         """Create the topics that do not exist; return the names created.

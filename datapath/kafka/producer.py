@@ -189,10 +189,12 @@ class Producer(AsyncClient):
         except rdkafka.KafkaException as exc:
             raise translate(exc) from exc
         self._producer = producer
-        self._stopping.clear()
+        # One event per driver: a start after a stop that is still tearing the last one
+        # down must not keep that one's report thread alive (its join would never end).
+        self._stopping = threading.Event()
         self._poller = threading.Thread(
             target=self._serve_reports,
-            args=(producer,),
+            args=(producer, self._stopping),
             name=f"kafka-deliveries-{self._config['client.id']}",
             daemon=True,
         )
@@ -239,15 +241,15 @@ class Producer(AsyncClient):
             if not waiter.done():
                 waiter.set_result(None)
 
-    def _serve_reports(self, producer: rdkafka.Producer) -> None:
-        while not self._stopping.is_set():
+    def _serve_reports(self, producer: rdkafka.Producer, stopping: threading.Event) -> None:
+        while not stopping.is_set():
             try:
                 producer.poll(_POLL_S)
             except rdkafka.KafkaException as exc:
                 # A fatal error (fenced, say) surfaces here too; the calls that depend on
                 # the producer (deliveries, transactions) report it to their callers.
                 log.info("%s: %s", self._config["client.id"], translate(exc))
-                self._stopping.wait(_POLL_S)
+                stopping.wait(_POLL_S)
 
     def _on_delivery(
         self, future: asyncio.Future[RecordMetadata], error: Any, message: Any

@@ -210,8 +210,10 @@ class VmBatcher:
 
     # -- input
 
-    def add_message(self, offset: int, value: bytes | memoryview, now: float) -> None:
+    def add_message(self, offset: int, value: bytes | memoryview | None, now: float) -> None:
         """Takes the tap message at ``offset``; messages below the resume point are ignored.
+        A message that is not a frame of this VM (corrupt, another VM's, or without a
+        value at all) is quarantined.
 
         The consumer may still hand out records it fetched before a rebalance or a seek;
         they are behind this batcher's position, and taking them again would duplicate
@@ -222,13 +224,15 @@ class VmBatcher:
             return
         self.counters.messages += 1
         try:
+            if value is None:
+                raise JournalError("a message without a value (a tombstone) on a tap topic")
             frame = decode_frame(value)
             if frame.vm_id != self.vm_id:
                 raise JournalError(
                     f"frame of VM {frame.vm_id!r} on the tap topic of {self.vm_id!r}"
                 )
         except JournalError as exc:
-            self._quarantine(offset, value, exc)
+            self._quarantine(offset, value if value is not None else b"", exc)
             self._consumed_through = offset + 1
             return
         if self.epoch is not None and frame.epoch != self.epoch and self._pending:

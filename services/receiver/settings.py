@@ -71,6 +71,12 @@ class ReceiverSettings(BaseSettings):
 
     session_timeout_ms: int = Field(default=10_000, ge=6_000)
     transaction_timeout_ms: int = Field(default=60_000, ge=1_000)
-    kafka_retry_attempts: int = Field(default=8, ge=1)
-    kafka_retry_backoff_s: float = Field(default=0.5, gt=0)
+    kafka_retry_backoff_s: float = Field(
+        default=0.5,
+        gt=0,
+        description=(
+            "after a Kafka error, the loop waits this long; a VM that could not be opened "
+            "is tried again after it, doubling up to 30 s"
+        ),
+    )
     lag_refresh_s: float = Field(default=2.0, gt=0)

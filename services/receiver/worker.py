@@ -48,7 +48,6 @@ from datapath.kafka import (
     KafkaUnavailable,
     ProducerFenced,
     TransactionalProducer,
-    retrying,
     within,
 )
 from datapath.protection import ProtectedVM, ProtectionPlan, load_protection_plan
@@ -71,6 +70,8 @@ _WAITING_OUTBOX_POLL_MS = 5
 # The loop's longest wait for tap messages (due batches wake it up sooner): how soon it
 # retries opening a VM or refreshes lag once nothing arrives.
 _IDLE_POLL_MS = 100
+# The longest wait before a VM that could not be opened is tried again.
+_MAX_REOPEN_BACKOFF_S = 30.0
 
 
 @dataclass(slots=True)
@@ -99,6 +100,7 @@ class VmPipeline:
         self.last_committed_seq: int | None = None
         self.log_end: int | None = None
         self.retry_at = 0.0
+        self.open_failures = 0  # in a row
         # The latest publication (an outbox being encoded, then committed after the one
         # before it): at most two at once, one encoding while the other commits.
         self.inflight: asyncio.Task[None] | None = None
@@ -133,8 +135,18 @@ class VmPipeline:
         self._inflight_encoded = True
 
     async def close(self) -> None:
+        await self._close(self.producer)
+
+    async def renew_producer(self, producer: TransactionalProducer) -> None:
+        """Closes the producer for `producer`, a new one (not started). The new one is in
+        place before the old one's close begins: the loop may reopen the VM meanwhile,
+        and must start the new one, not the one being closed."""
+        old, self.producer = self.producer, producer
+        await self._close(old)
+
+    async def _close(self, producer: TransactionalProducer) -> None:
         try:
-            await self.producer.stop()
+            await producer.stop()
         except KafkaError as exc:
             log.warning("VM %s: closing its producer failed: %s", self.vm.id, exc)
 
@@ -315,7 +327,11 @@ class Receiver:
         return self._plan.sites.source.kafka
 
     async def _open_pipes(self, pipes: list[VmPipeline]) -> None:
-        """Fences the VMs' previous owners, then loads where their batches end."""
+        """Fences the VMs' previous owners, then loads where their batches end.
+
+        One attempt, under the lock that every VM's batching waits for: a VM that cannot
+        be opened now is opened again by the loop later (`_open_failed`), while the
+        others go on."""
         if not pipes:
             return
         for pipe in pipes:
@@ -324,8 +340,7 @@ class Receiver:
         # and waits until that one's open transaction is completed or aborted, so what is
         # read next is final.
         started = await asyncio.gather(
-            *(self._retry(pipe.producer.start, "receiver_producer_start") for pipe in pipes),
-            return_exceptions=True,
+            *(pipe.producer.start() for pipe in pipes), return_exceptions=True
         )
         ready = []
         for pipe, outcome in zip(pipes, started, strict=True):
@@ -340,24 +355,12 @@ class Receiver:
         consumer, tail_consumer = self._consumer, self._tail_consumer
         assert consumer is not None and tail_consumer is not None
         try:
-            tails = await self._retry(
-                lambda: read_batch_tails(
-                    tail_consumer, [TopicPartition(p.batch_topic, 0) for p in ready]
-                ),
-                "receiver_batch_tail",
+            tails = await read_batch_tails(
+                tail_consumer, [TopicPartition(p.batch_topic, 0) for p in ready]
             )
-            committed = {}
-            for pipe in ready:
-                committed[pipe] = await self._retry(
-                    lambda pipe=pipe: consumer.committed(pipe.partition),
-                    "receiver_committed_offset",
-                )
+            committed = {pipe: await consumer.committed(pipe.partition) for pipe in ready}
             fresh = [p.partition for p in ready if committed[p] is None]
-            begins = {}
-            if fresh:
-                begins = await self._retry(
-                    lambda: consumer.beginning_offsets(fresh), "receiver_log_start"
-                )
+            begins = await consumer.beginning_offsets(fresh) if fresh else {}
         except KafkaError as exc:
             for pipe in ready:
                 await self._open_failed(pipe, exc)
@@ -369,12 +372,24 @@ class Receiver:
             self._resume(pipe, offset, tails[TopicPartition(pipe.batch_topic, 0)])
 
     async def _open_failed(self, pipe: VmPipeline, exc: KafkaError) -> None:
+        """The loop opens the VM again after kafka_retry_backoff_s, doubling (up to 30 s)
+        while it keeps failing; each failure schedules one retry, counted."""
+        delay = min(
+            self.settings.kafka_retry_backoff_s * 2**pipe.open_failures, _MAX_REOPEN_BACKOFF_S
+        )
+        pipe.open_failures += 1
         pipe.last_error = f"opening failed: {exc}"
-        pipe.retry_at = time.monotonic() + self.settings.kafka_retry_backoff_s * 4
+        pipe.retry_at = time.monotonic() + delay
         self.metrics.errors.labels(kind="open").inc()
-        log.error("VM %s: cannot open its pipeline (will retry): %s", pipe.vm.id, exc)
-        await pipe.close()
-        pipe.producer = self._new_producer(pipe.vm)
+        self.kafka_metrics.retries.labels(operation="receiver_open").inc()
+        log.error(
+            "VM %s: cannot open its pipeline (attempt %d, again in %.1fs): %s",
+            pipe.vm.id,
+            pipe.open_failures,
+            delay,
+            exc,
+        )
+        await pipe.renew_producer(self._new_producer(pipe.vm))
 
     def _resume(self, pipe: VmPipeline, offset: int, tail: ChunkHeader | None) -> None:
         consumer = self._consumer
@@ -383,6 +398,7 @@ class Receiver:
         pipe.committed_offset = offset
         pipe.fenced = False
         pipe.last_error = None
+        pipe.open_failures = 0
         pipe.last_committed_seq = tail.last_seq if tail else None
         pipe.reported = {}
         pipe.batcher = VmBatcher(
@@ -400,15 +416,6 @@ class Receiver:
             pipe.batcher.next_seq,
             pipe.batcher.epoch,
             f", inside resync {pipe.batcher.open_resync}" if pipe.batcher.open_resync else "",
-        )
-
-    async def _retry(self, op: Any, what: str) -> Any:
-        return await retrying(
-            op,
-            what=what,
-            attempts=self.settings.kafka_retry_attempts,
-            backoff=self.settings.kafka_retry_backoff_s,
-            metrics=self.kafka_metrics,
         )
 
     # -- the loop
@@ -457,7 +464,7 @@ class Receiver:
                 size = 0
                 for message in messages:
                     pipe.batcher.add_message(message.offset, message.value, now)
-                    size += len(message.value)
+                    size += len(message.value or b"")
                 self.metrics.tap_messages.labels(vm=pipe.vm.id).inc(len(messages))
                 self.metrics.tap_bytes.labels(vm=pipe.vm.id).inc(size)
                 self._report_counters(pipe)
@@ -541,8 +548,7 @@ class Receiver:
             # resumes at the committed offset.
             pipe.batcher = None
             pipe.retry_at = 0.0
-            await pipe.close()
-            pipe.producer = self._new_producer(pipe.vm)
+            await pipe.renew_producer(self._new_producer(pipe.vm))
             return
         finally:
             self.metrics.transaction_seconds.observe(encoding_s + time.monotonic() - started)

@@ -158,7 +158,11 @@ class VmCopier:
         timeout = self.settings.operation_timeout_s
         async with asyncio.timeout(timeout):
             if self._source is None:
-                source = Consumer(self.source, isolation_level="read_committed")
+                # No silent jump when retention removes what was not copied yet: the
+                # fetch fails, and the reopen counts what was lost (below).
+                source = Consumer(
+                    self.source, isolation_level="read_committed", auto_offset_reset="none"
+                )
                 await source.start()
                 source.assign([self.source_partition])
                 self._source = source
@@ -174,10 +178,22 @@ class VmCopier:
             # InitProducerId: fences other copiers of this VM, settles their transaction.
             await producer.start()
             progress = await self._read_progress()
-            begin = (await self._source.beginning_offsets([self.source_partition]))[
-                self.source_partition
-            ]
+            tp = self.source_partition
+            begin = (await self._source.beginning_offsets([tp]))[tp]
+            end = (await self._source.end_offsets([tp]))[tp]
         start = begin if progress is None else progress.next_offset
+        if start > end:
+            # Offsets the source never reached: the topic was deleted and created again.
+            # Everything it holds now is new to the target.
+            log.warning(
+                "VM %s: copied up to source offset %d, but the source topic ends at %d "
+                "(recreated?): copying it from its start, offset %d",
+                self.vm_id,
+                start,
+                end,
+                begin,
+            )
+            start = begin
         if start < begin:
             lost = begin - start
             self.metrics.backlog_lost.labels(vm=self.vm_id).inc(lost)
@@ -271,10 +287,12 @@ class VmCopier:
         for message in fetched:
             if until is not None and message.offset >= until:
                 break
-            if taken and size + len(message.value) > self.settings.max_transaction_bytes:
+            # (A message without a value is copied as it is, like any other.)
+            length = len(message.value or b"")
+            if taken and size + length > self.settings.max_transaction_bytes:
                 break
             taken.append(message)
-            size += len(message.value)
+            size += length
         if len(taken) < len(fetched):
             source.seek(tp, fetched[len(taken)].offset)
         if not taken:
@@ -368,7 +386,9 @@ class VmCopier:
         m.lag_seconds.labels(vm=self.vm_id).set(age)
 
 
-def _header(value: bytes) -> ChunkHeader | None:
+def _header(value: bytes | None) -> ChunkHeader | None:
+    if value is None:
+        return None
     try:
         return peek_header(value)
     except JournalError:
