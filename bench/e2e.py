@@ -30,6 +30,8 @@ Prints one JSON line:
   `rpo_including_ramp_p99_ms` gives the p99 with them. The setup's writes and the
   throughput run's are synced to disk before the RPO run, so that their write-back
   (which the kernel starts 30 s after a write) does not land in it.
+Beside them, `machine`: what writing fresh page-cache pages costs on this machine at the
+start of the run (`bench/machine.py`), which decides much of the figures above.
 `--quick` finishes in about a minute.
 """
 
@@ -48,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from machine import page_cache_cost
 
 from datapath.kafka import KafkaClusterSettings
 from datapath.protection import load_protection_plan
@@ -236,6 +239,7 @@ def main() -> int:
     disk_size = data_size + 256 * 2**20
     with tempfile.TemporaryDirectory(prefix="dm-bench-e2e-") as tmp:
         root = Path(tmp)
+        machine = page_cache_cost(root)
         data = root / "data.img"
         make_data(data, data_size)
         baseline = timed(["nbdcopy", str(data), str(root / "copy.img")])
@@ -357,6 +361,7 @@ def main() -> int:
         "applier_gauge_rpo_p50_ms": round(percentile(gauge_rpos, 0.5) * 1000, 1),
         "applier_gauge_rpo_p99_ms": round(percentile(gauge_rpos, 0.99) * 1000, 1),
         "goal_rpo_p99_ms": 250,
+        "machine": machine,
     }
     print(json.dumps(result))
     return 0

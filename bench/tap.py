@@ -6,7 +6,8 @@ Prints one JSON line:
 - 4 KiB random writes, queue depth 16: IOPS (goal >= 0.5x nbdkit);
 - 1 MiB sequential writes: MB/s (goal >= 0.8x nbdkit);
 - 4 KiB writes at queue depth 1: latency p50/p99 in microseconds;
-with the ratios tap/nbdkit, and what the tap published (frames, bytes, records lost: 0).
+with the ratios tap/nbdkit, what the tap published (frames, bytes, records lost: 0), and
+what writing fresh page-cache pages costs on this machine (`bench/machine.py`).
 
     .venv/bin/python bench/tap.py [--quick] [--bootstrap HOST:PORT] [--keep DIR]
 
@@ -34,6 +35,8 @@ import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from machine import page_cache_cost  # noqa: E402
 
 from datapath.kafka import KafkaClusterSettings  # noqa: E402
 from datapath.localsite import KafkaSite, free_loopback_ports  # noqa: E402
@@ -213,6 +216,7 @@ def main() -> None:
     size = 256 * MiB if args.quick else 1024 * MiB
     root = args.keep or Path(tempfile.mkdtemp(prefix="dm-bench-tap-"))
     root.mkdir(parents=True, exist_ok=True)
+    machine = page_cache_cost(root)
     site = None
     try:
         bootstrap = args.bootstrap
@@ -290,6 +294,7 @@ def main() -> None:
                 ),
             },
         }
+        result["machine"] = machine
         print(json.dumps(result))
     finally:
         if site is not None:
