@@ -30,6 +30,7 @@ __all__ = [
     "DATA_KINDS",
     "FORMAT_VERSION",
     "FRAME_MAGIC",
+    "MAX_BATCH_PAYLOAD_BYTES",
     "RANGE_KINDS",
     "RECORD_HEADER_SIZE",
     "ZEROING_KINDS",
@@ -81,6 +82,12 @@ _U32 = struct.Struct("<I")
 _RECORD = struct.Struct("<IBBHIQQQQQ")
 _RECORD_FIELDS = struct.Struct("<BBHIQQQQQ")
 RECORD_HEADER_SIZE = _RECORD.size  # 52
+
+# A batch's records, uncompressed, take at most this much. A reader holds a whole batch
+# in memory (decompressed), and a chunk's header names the size before anything is
+# decompressed: a larger one is refused as corrupt, so that a few bytes of zstd cannot
+# make a reader allocate gigabytes.
+MAX_BATCH_PAYLOAD_BYTES = 256 * 1024 * 1024
 
 # Frame header (v1): prefix, epoch, first_seq, last_seq, record_count, body_len, vm_id_len,
 # then vm_id bytes, then header crc32c.
@@ -773,6 +780,11 @@ def encode_batch(
         prev_seq = rec.seq
         _encode_record(parts, rec, index)
     payload = b"".join(parts)
+    if len(payload) > MAX_BATCH_PAYLOAD_BYTES:
+        raise EncodeError(
+            f"batch records take {len(payload)} bytes, more than the format's limit of "
+            f"{MAX_BATCH_PAYLOAD_BYTES}: cut smaller batches"
+        )
     total_crc = _crc(payload)
     stored = payload
     flags = _CHUNK_FLAG_RESYNC_COMPLETE if batch.resync_complete else 0
@@ -869,6 +881,8 @@ def _parse_chunk_header(mv: memoryview) -> ChunkHeader:
         problem = f"piece {piece_offset}+{piece_len} runs past the stored length {stored_len}"
     elif not compressed and stored_len != payload_len:
         problem = f"uncompressed stream of {stored_len} bytes but payload of {payload_len}"
+    elif payload_len > MAX_BATCH_PAYLOAD_BYTES:
+        problem = f"payload of {payload_len} bytes, over the limit of {MAX_BATCH_PAYLOAD_BYTES}"
     if problem is not None:
         raise CorruptRecord(f"{what} header is inconsistent: {problem}", offset=8)
     return ChunkHeader(
@@ -954,7 +968,9 @@ def _build_batch(header: ChunkHeader, pieces: list[memoryview]) -> Batch:
                 f"{what}: zstd frame holds {content_size} bytes, header says {header.payload_len}"
             )
         try:
-            payload = zstandard.ZstdDecompressor().decompress(stored, allow_extra_data=False)
+            payload = zstandard.ZstdDecompressor().decompress(
+                stored, max_output_size=header.payload_len, allow_extra_data=False
+            )
         except zstandard.ZstdError as exc:
             raise CorruptRecord(f"{what}: zstd decompression failed: {exc}") from exc
     else:

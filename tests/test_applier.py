@@ -501,17 +501,28 @@ async def test_block_device_target(
     loop_device: tuple[str, Path],
 ) -> None:
     device, backing = loop_device
+    # The device (8 MiB) is larger than its source (6 MiB), as a volume rounded up.
     plan = write_plan(
-        tmp_path / "plan.yaml", source_cluster, target_cluster, {vm_id: [(device, 8 * MIB)]}
+        tmp_path / "plan.yaml", source_cluster, target_cluster, {vm_id: [(device, 6 * MIB)]}
     )
     await create_topics(target_cluster, vm_id)
-    vm = SourceVm(vm_id, [8 * MIB], seed=17, zero_fraction=0.2, trim_fraction=0.2)
+    vm = SourceVm(vm_id, [6 * MIB], seed=17, zero_fraction=0.2, trim_fraction=0.2)
+    source = lambda: bytes(vm.model[0]) + bytes(2 * MIB)  # noqa: E731
     async with JournalWriter(target_cluster, vm_id) as writer:
         await writer.send(*[vm.batch(vm.ops(10)) for _ in range(3)])
         async with running_applier(plan, tmp_path / "state") as worker:
             await wait_until(lambda: applied_seq(worker, vm_id) == vm.last_seq, what="drain")
-    assert images_of([Path(device)]) == [bytes(vm.model[0])]
-    assert backing.read_bytes() == bytes(vm.model[0])
+            assert images_of([Path(device)]) == [source()]
+            # After a gap, a full resync of the source's 6 MiB repairs it.
+            vm.batch(vm.ops(5))  # lost
+            await writer.send(vm.batch(vm.ops(5)))
+            applier = worker.vm(vm_id)
+            await wait_until(lambda: applier.state.health is Health.NEEDS_RESYNC, what="gap")
+            await writer.send(*vm.full_resync(resync_id=5))
+            await wait_until(lambda: applied_seq(worker, vm_id) == vm.last_seq, what="healed")
+            assert worker.vm(vm_id).state.health is Health.OK
+    assert images_of([Path(device)]) == [source()]
+    assert backing.read_bytes() == source()
 
 
 async def test_crash_in_the_middle_of_a_unit_is_repaired_before_anything_else(
@@ -643,6 +654,12 @@ def test_state_survives_a_reload(tmp_path: Path) -> None:
 
     with pytest.raises(StateFileError, match="belongs to VM 'vm-a'"):
         store.load("vm-b")
+
+
+def test_an_empty_disk_is_covered_by_any_bracket() -> None:
+    coverage = Coverage([0, 2 * BLOCK])
+    coverage.add(1, 0, 2 * BLOCK)
+    assert coverage.complete()
 
 
 def test_coverage_counts_every_byte_a_bracket_sets_once() -> None:

@@ -223,3 +223,24 @@ async def test_the_rpo_of_a_target_stuck_before_its_first_write_grows(tmp_path: 
     async with running(applier):
         await wait_until(lambda: applier.started, what="started")
         assert applier.rpo_seconds() >= 600
+
+
+async def test_batches_that_compress_to_nothing_are_held_by_their_decompressed_size(
+    tmp_path: Path,
+) -> None:
+    vm = SourceVm("vm-zeros", [4 * MIB], seed=17)
+    disks = disks_of(tmp_path, vm)
+    journal = MemoryJournal()
+    now = time.time_ns()
+    for seq in range(1, 41):  # 160 MiB of zeros in some 40 KB of journal
+        zeros = Record(RecordKind.WRITE, seq, 0, 0, 4 * MIB, now, bytes(4 * MIB))
+        journal.append(Batch(vm.vm_id, 1, seq, seq, now, now, [zeros]))
+    applier = memory_applier(vm, disks, journal, tmp_path / "state", max_unit_bytes=16 * MIB)
+    peak = 0.0
+    async with running(applier):
+        while applier.state.applied_seq != 40:
+            peak = max(peak, applier._lag_bytes())
+            await asyncio.sleep(0.001)
+    assert peak <= 16 * MIB + 4 * MIB, "the batches read ahead exceeded the unit bound"
+    assert applier.metrics.units.labels(vm=vm.vm_id)._value.get() >= 10
+    assert image(disks[0]) == bytes(4 * MIB)

@@ -389,6 +389,7 @@ def memory_applier(
     state_dir: Path,
     *,
     pause_timeout_s: float = 5.0,
+    max_unit_bytes: int = 64 << 20,
 ) -> VmApplier:
     """One VM's apply loop over `journal` (run it with `run()`), its target disks the
     files `disks` (created with the VM's disk sizes)."""
@@ -402,6 +403,9 @@ def memory_applier(
     store = StateStore(state_dir)
     store.prepare()
     tuning = ApplyTuning(
-        fetch_timeout_s=0.1, end_offset_interval_s=0.1, pause_timeout_s=pause_timeout_s
+        fetch_timeout_s=0.1,
+        end_offset_interval_s=0.1,
+        pause_timeout_s=pause_timeout_s,
+        max_unit_bytes=max_unit_bytes,
     )
     return VmApplier(protected, journal, store, None, ApplierMetrics(CollectorRegistry()), tuning)

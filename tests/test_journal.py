@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from datapath import journal
 from datapath.journal import (
     CHUNK_MAGIC,
     FRAME_MAGIC,
@@ -518,6 +519,27 @@ def test_decoder_rejects_batch_headers_that_break_the_rules() -> None:
     for expected, (offset, fmt, value) in cases.items():
         with pytest.raises(CorruptRecord, match=expected):
             decode_batch([_with_header_field(message, offset, fmt, value)])
+
+
+def test_a_batch_claiming_more_than_the_payload_limit_is_refused_before_decompressing() -> None:
+    zeros = Record(RecordKind.WRITE, 1, 0, 0, 65536, 0, bytes(65536))
+    (message,) = encode_batch(Batch("vm", 1, 1, 1, 0, 0, [zeros]))
+    assert peek_header(message).compressed
+    # A few bytes of zstd can stand for terabytes: the header's size is checked first.
+    bomb = _with_header_field(message, 80, "<Q", 2**40)  # payload_len
+    with pytest.raises(CorruptRecord, match="over the limit"):
+        decode_batch([bomb])
+    with pytest.raises(CorruptRecord, match="over the limit"):
+        BatchAssembler().add(bomb)
+
+
+def test_the_encoder_refuses_a_batch_over_the_payload_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(journal, "MAX_BATCH_PAYLOAD_BYTES", 4096)
+    big = Record(RecordKind.WRITE, 1, 0, 0, 8192, 0, bytes(8192))
+    with pytest.raises(EncodeError, match="limit"):
+        encode_batch(Batch("vm", 1, 1, 1, 0, 0, [big]))
 
 
 def test_spec_reader_decodes_what_the_encoder_writes() -> None:

@@ -53,6 +53,6 @@ class Coverage:
 
     def complete(self) -> bool:
         return all(
-            starts[:1] == [0] and ends[:1] and ends[0] >= size
+            size == 0 or (starts[:1] == [0] and ends[0] >= size)
             for starts, ends, size in zip(self._starts, self._ends, self.disk_sizes, strict=True)
         )

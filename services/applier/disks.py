@@ -53,9 +53,16 @@ class TargetDisks:
     def __init__(self, vm: ProtectedVM) -> None:
         self.vm_id = vm.id
         self.backends: list[StorageBackend] = []
+        # What a full resync sets: the source's size when the plan (or this host) knows
+        # it, else the target's. A block device or NBD export may be larger than its
+        # source (a volume rounded up); its bytes past the source's end belong to no one.
+        self.source_sizes: list[int] = []
         try:
             for disk in vm.disks:
-                self.backends.append(open_backend(disk.target, create_size=target_size(disk)))
+                size = target_size(disk)
+                backend = open_backend(disk.target, create_size=size)
+                self.backends.append(backend)
+                self.source_sizes.append(backend.size if size is None else min(size, backend.size))
         except BaseException:
             self.close()
             raise

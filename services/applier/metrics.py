@@ -109,7 +109,7 @@ class ApplierMetrics:
         )
         self.lag_bytes = Gauge(
             "datamover_applier_lag_bytes",
-            "Encoded bytes of the batches read and not yet applied.",
+            "Bytes (decompressed) of the batches read and not yet applied.",
             vm,
             registry=registry,
         )
@@ -122,7 +122,7 @@ class ApplierMetrics:
         )
         self.staged_resync_bytes = Gauge(
             "datamover_applier_staged_resync_bytes",
-            "Encoded bytes of the resync bracket being staged (0 when none).",
+            "Bytes (decompressed) of the resync bracket being staged (0 when none).",
             vm,
             registry=registry,
         )

@@ -87,7 +87,7 @@ class _Pending:
 
     start_offset: int
     end_offset: int
-    nbytes: int
+    nbytes: int  # decompressed (its encoded size where that is larger)
     batch: Batch | None = None
     error: str = ""
 
@@ -327,12 +327,20 @@ class VmApplier:
         self._last_fetch_empty = False
 
     async def _fill(self) -> None:
-        """Reads what the journal has (up to the unit size) into the pending batches."""
-        if self._pending_bytes >= self.tuning.max_unit_bytes:
+        """Reads what the journal has (up to the unit size, counted in decompressed bytes:
+        a batch of zeros takes a kilobyte on the wire and its size in memory) into the
+        pending batches."""
+        limit = self.tuning.max_unit_bytes
+        if self._pending_bytes >= limit:
             return
         messages = await self.source.fetch(self.tuning.fetch_timeout_s)
         self._last_fetch_empty = not messages
         for message in messages:
+            if self._pending_bytes >= limit:
+                # The rest of this fetch is read again once the pending batches are applied.
+                await self.source.seek(message.offset)
+                self._read_offset = message.offset
+                return
             # Past a corrupt message too: what follows it may be the resync that repairs it.
             self._take(message)
         # The consumer's position also steps over transaction markers: without it the
@@ -343,7 +351,8 @@ class VmApplier:
     def _take(self, message: JournalMessage) -> None:
         self._read_offset = message.offset + 1
         try:
-            if peek_header(message.value).chunk_index == 0:
+            header = peek_header(message.value)
+            if header.chunk_index == 0:
                 self._chunk_start = message.offset
                 self._chunk_bytes = 0
             self._chunk_bytes += len(message.value)
@@ -359,7 +368,9 @@ class VmApplier:
             )
             return
         if batch is not None:
-            self._append(_Pending(self._chunk_start, message.offset, self._chunk_bytes, batch))
+            # What it holds in memory: its records decompressed.
+            size = max(self._chunk_bytes, header.payload_len)
+            self._append(_Pending(self._chunk_start, message.offset, size, batch))
 
     def _append(self, item: _Pending) -> None:
         self._pending.append(item)
@@ -545,9 +556,7 @@ class VmApplier:
                 max_ts_ns=batch.max_ts_ns,
                 epoch=batch.epoch,
                 heals=heals,
-                coverage=Coverage([b.size for b in self._require_disks().backends])
-                if heals
-                else None,
+                coverage=Coverage(self._require_disks().source_sizes) if heals else None,
             )
             log.info(
                 "VM %s: resync %d starts at seq %d; staging it until complete",

@@ -52,10 +52,12 @@ class ReceiverSettings(BaseSettings):
         ge=0,
         description="or once it waited this long (adds at most this to the RPO)",
     )
+    # Bounded so that a batch's records (data plus a 52-byte header each) stay below the
+    # journal format's limit on a batch (datapath.journal.MAX_BATCH_PAYLOAD_BYTES).
     max_batch_bytes: int = Field(
-        default=16 * MIB, ge=1, description="cut a batch at this much raw guest data"
+        default=16 * MIB, ge=1, le=128 * MIB, description="cut a batch at this much raw guest data"
     )
-    max_batch_records: int = Field(default=100_000, ge=1)
+    max_batch_records: int = Field(default=100_000, ge=1, le=1_000_000)
     max_record_bytes: int = Field(
         default=MIB, ge=512, description="folding merges adjacent data up to this size"
     )
