@@ -14,6 +14,7 @@ import itertools
 import logging
 import random
 import struct
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from datapath.storage import FileBackend
 from vib.nbd import ExportError, NbdServer, StorageExport
 from vib.nbd import protocol as p
 from vib.nbd.catalog import ExportCatalog
-from vib.nbd.connection import NbdConnection, ServerContext
+from vib.nbd.connection import NbdConnection, PayloadBudget, ServerContext
 from vib.nbd.handshake import BlockSizes
 from vib.nbd.metrics import NbdMetrics
 from vib.nbd.rate_limited_log import RateLimitedLog
@@ -58,6 +59,8 @@ class MemoryExport:
     can_cache: bool = True
     supports_block_status: bool = True
     suspend: bool = False
+    # While set and cleared, every call waits for it (requests pile up in the server).
+    gate: asyncio.Event | None = None
     fail: BaseException | None = None
     calls: list[tuple[Any, ...]] = field(default_factory=list)
     block: int = 4096
@@ -70,6 +73,8 @@ class MemoryExport:
         self.calls.append(call)
         if self.suspend:
             await asyncio.sleep(random.random() * 0.003)
+        if self.gate is not None:
+            await self.gate.wait()
         if self.fail is not None:
             raise self.fail
 
@@ -1006,6 +1011,7 @@ async def test_input_held_back_by_a_pause_is_kept_and_served_later() -> None:
         log=RateLimitedLog(logging.getLogger("test")),
         shutting_down=lambda: False,
         on_finished=lambda connection: None,
+        payloads=PayloadBudget(256 * MiB),
     )
     connection = NbdConnection(context)
     transport = RecordingTransport()
@@ -1056,3 +1062,114 @@ def test_block_status_descriptors_stay_within_the_request(
         assert len(lengths) == 1
     if not any(n > 0 for n, _ in extents):
         assert descriptors == [length, 0]
+
+
+# --- memory a client can make the server hold ---------------------------------------------
+
+
+async def test_announced_payloads_take_buffers_only_within_the_budget(
+    start_server: StartServer,
+) -> None:
+    export = MemoryExport(size=64 * MiB)
+    _, port = await start_server(
+        {"mem": export}, default_export="mem", payload_budget_bytes=8 * MiB
+    )
+    clients = [await connected(port) for _ in range(8)]
+    tracemalloc.start()
+    try:
+        for client in clients:  # a 32 MiB write announced, one byte of it sent
+            client.request(p.CMD_WRITE, 0, 32 * MiB, data=b"x")
+        await asyncio.sleep(0.3)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 16 * MiB, f"{held >> 20} MiB held for 8 bytes of payload"
+    # The writes still complete once their payload arrives (the last one past the budget).
+    payload = b"x" + bytes(range(256)) * (32 * MiB // 256 - 1) + bytes(255)
+    clients[-1].send(payload[1:])
+    error, _, _ = await clients[-1].simple_reply()
+    assert error == 0 and export.data[: 32 * MiB] == payload
+    for client in clients:
+        await client.close()
+
+
+async def test_a_refused_write_skips_its_payload_without_buffering_it(
+    start_server: StartServer,
+) -> None:
+    export = MemoryExport(size=4 * MiB, read_only=True)
+    server, port = await start_server({"mem": export}, default_export="mem")
+    client = await connected(port)
+    client.request(p.CMD_WRITE, 0, 2 * MiB, data=b"x")
+    await asyncio.sleep(0.1)
+    assert server._context.payloads.used == 0
+    client.send(bytes(2 * MiB - 1))
+    error, _, _ = await client.simple_reply()
+    assert error == p.NBD_EPERM
+    client.request(p.CMD_READ, 0, 4096, cookie=2)
+    assert (await client.simple_reply(4096))[0] == 0
+    await client.close()
+
+
+async def test_suspended_writes_are_bounded_by_bytes_as_well_as_by_count(
+    start_server: StartServer,
+) -> None:
+    gate = asyncio.Event()
+    export = MemoryExport(size=512 * MiB, gate=gate)
+    _, port = await start_server({"mem": export}, default_export="mem")
+    client = await connected(port)
+    size = 4 * MiB
+    for index in range(48):  # 192 MiB of writes the export does not finish yet
+        client.request(p.CMD_WRITE, index * size, size, cookie=index, data=bytes(size))
+    drained = asyncio.ensure_future(client.writer.drain())
+    await asyncio.sleep(0.5)
+    started = sum(1 for call in export.calls if call[0] == "write")
+    assert started <= 64 * MiB // size + 1, f"{started} writes held by the server at once"
+    gate.set()
+    await drained
+    cookies = {(await client.simple_reply())[1] for _ in range(48)}
+    assert cookies == set(range(48))
+    await client.close()
+
+
+async def test_replies_reach_a_client_that_shut_down_its_sending_side(
+    start_server: StartServer,
+) -> None:
+    export = MemoryExport(suspend=True)
+    _, port = await start_server({"mem": export}, default_export="mem")
+    client = await connected(port)
+    for index in range(8):
+        client.request(
+            p.CMD_WRITE,
+            index * 4096,
+            4096,
+            flags=p.CMD_FLAG_FUA,
+            cookie=index,
+            data=bytes([index]) * 4096,
+        )
+    client.writer.write_eof()
+    cookies = {(await client.simple_reply())[1] for _ in range(8)}
+    assert cookies == set(range(8))
+    assert await client.closed_by_server()
+    await client.close()
+
+
+async def test_connections_over_the_limit_are_closed_on_arrival(
+    start_server: StartServer,
+) -> None:
+    registry = CollectorRegistry()
+    _, port = await start_server(
+        {"mem": MemoryExport()}, default_export="mem", max_connections=2, registry=registry
+    )
+    first, second = await connected(port), await connected(port)
+    third = await RawClient.connect(port)
+    assert await third.closed_by_server()
+    assert (
+        registry.get_sample_value(
+            "nbd_protocol_violations_total", {"kind": "too_many_connections"}
+        )
+        == 1
+    )
+    first.request(p.CMD_READ, 0, 512)
+    assert (await first.simple_reply(512))[0] == 0
+    for client in (first, second, third):
+        await client.close()

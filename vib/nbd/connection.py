@@ -9,7 +9,10 @@ out of order, as the protocol allows. A large write payload is received straight
 a buffer of its own size, which then goes to the export without another copy.
 
 Back-pressure: reading stops while the transport's send buffer is full, while too many
-requests are suspended in the export, after NBD_CMD_DISC, and during shutdown.
+requests (or too many bytes of them) are suspended in the export, after NBD_CMD_DISC,
+and during shutdown. A payload gets a buffer of its own only within a server-wide
+budget (`PayloadBudget`); beyond it, it is received into the connection's buffer as it
+arrives, so memory follows what clients really sent, not what their headers announce.
 """
 
 from __future__ import annotations
@@ -49,8 +52,12 @@ _MIN_RECEIVE = 64 * 1024
 _DIRECT_PAYLOAD = 64 * 1024
 # Replies are sent at the end of each input batch, or sooner once this much is queued.
 _SEND_THRESHOLD = 1024 * 1024
-# Suspended requests allowed per connection before reading stops.
+# Suspended requests allowed per connection before reading stops, and the bytes their
+# data may take (a suspended write holds its payload; a read will hold its reply).
 _MAX_SUSPENDED = 512
+_MAX_SUSPENDED_BYTES = 64 * 1024 * 1024
+# After the last reply of a closing connection, how long its client has to read them.
+_CLOSE_GRACE_S = 30.0
 _UNKNOWN_COMMAND = len(p.COMMAND_NAMES)  # index of the "unknown" request counter
 _METRICS_INTERVAL = 1.0  # seconds between folding counts into Prometheus
 
@@ -61,6 +68,29 @@ _SIMPLE_REPLY_MAGIC = p.SIMPLE_REPLY_MAGIC
 _unpack_request = p.REQUEST_HEADER.unpack_from
 _pack_simple = p.SIMPLE_REPLY.pack
 _REQUEST_SIZE = p.REQUEST_HEADER.size
+
+
+class PayloadBudget:
+    """Bytes of write payloads being received into buffers of their own, server-wide.
+
+    Such a buffer is allocated at its full size when the request's header arrives: a
+    client announcing 32 MiB and sending nothing more would otherwise pin 32 MiB per
+    connection for as long as it likes."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def reserve(self, size: int) -> bool:
+        if self.used + size > self.limit:
+            return False
+        self.used += size
+        return True
+
+    def release(self, size: int) -> None:
+        self.used -= size
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +105,7 @@ class ServerContext:
     log: RateLimitedLog
     shutting_down: Callable[[], bool]
     on_finished: Callable[[NbdConnection], None]
+    payloads: PayloadBudget
 
 
 class NbdConnection(asyncio.BufferedProtocol):
@@ -119,7 +150,9 @@ class NbdConnection(asyncio.BufferedProtocol):
         # once the payload has gone by.
         self._discard = 0
         self._discard_cookie = 0
+        self._discard_error = (p.NBD_EINVAL, "")
         self._tasks: set[asyncio.Task[None]] = set()
+        self._suspended_bytes = 0
         # Outgoing replies of the current batch.
         self._out: list[bytes | bytearray | memoryview] = []
         self._out_bytes = 0
@@ -156,7 +189,9 @@ class NbdConnection(asyncio.BufferedProtocol):
                 self._rbuf[:pending] = self._rview[start:end]
                 self._rstart, self._rend = 0, pending
             if len(self._rbuf) - pending < _MIN_RECEIVE:
-                bigger = bytearray(pending + _RECEIVE_BUFFER)
+                # Doubling: a large payload received here (the payload budget was spent)
+                # must not be copied over again for every 256 KiB that arrives.
+                bigger = bytearray(max(pending + _RECEIVE_BUFFER, 2 * len(self._rbuf)))
                 bigger[:pending] = self._rview[:pending]
                 self._rbuf = bigger
                 self._rview = memoryview(bigger)
@@ -182,7 +217,12 @@ class NbdConnection(asyncio.BufferedProtocol):
     def eof_received(self) -> bool | None:
         self._eof = True
         self._wake_reader()
-        return None  # let the transport close; replies to a half-closed peer are moot
+        if not self._transmitting:
+            return None  # during the handshake: nothing is owed, let the transport close
+        # A client that shut down its sending side still reads: every request it sent
+        # is answered (those held back by a pause too), then the connection closes.
+        self._loop.call_soon(self._finish_after_eof)
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -191,7 +231,9 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._pause |= _PAUSE_STOPPED
         self._out.clear()
         self._rstart = self._rend = 0
-        self._payload = None
+        if self._payload is not None:
+            self._ctx.payloads.release(len(self._payload))
+            self._payload = None
         self._wake_reader()
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_exception(PeerGone())
@@ -230,6 +272,18 @@ class NbdConnection(asyncio.BufferedProtocol):
             return
         self._send()
         self._transport.close()
+        # close() waits for the replies to be read: not forever.
+        self._loop.call_later(_CLOSE_GRACE_S, self.abort)
+
+    def _finish_after_eof(self) -> None:
+        """After the client's EOF: close once everything it sent is answered."""
+        if self._lost or self._tasks or self._pause & ~_PAUSE_SEND_BUFFER_FULL:
+            return  # _task_done (or the end of the pause) comes back here
+        if self._rend > self._rstart and not self._in_batch:
+            self._process()  # requests held back by a pause; may start tasks
+            if self._tasks:
+                return
+        self._close_when_idle()
 
     def _maybe_finished(self) -> None:
         if self._lost and not self._tasks and not self.finished.done():
@@ -395,7 +449,7 @@ class NbdConnection(asyncio.BufferedProtocol):
                     self._discard -= skipped
                     if self._discard:
                         break
-                    self._reply_error(self._discard_cookie, _CMD_WRITE, p.NBD_EINVAL, "")
+                    self._reply_error(self._discard_cookie, _CMD_WRITE, *self._discard_error)
                     continue
                 if end - pos < _REQUEST_SIZE:
                     break
@@ -422,7 +476,13 @@ class NbdConnection(asyncio.BufferedProtocol):
                     start = pos + _REQUEST_SIZE
                     if end - start < length:
                         # The rest of the payload is still on its way.
-                        if length >= _DIRECT_PAYLOAD:
+                        if flags & ~write_flags or offset + length > writable_size:
+                            # Refused whatever it holds: skipped as it arrives.
+                            pos = start
+                            counts[_CMD_WRITE] += 1
+                            self._skip_refused_write(flags, cookie, offset, length)
+                            continue
+                        if length >= _DIRECT_PAYLOAD and self._ctx.payloads.reserve(length):
                             self._receive_payload_directly(flags, cookie, offset, length, start)
                             pos = end
                         break
@@ -471,6 +531,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._payload = None
         self._payload_view = memoryview(b"")
         length = len(payload)
+        self._ctx.payloads.release(length)
         self._request_counts[_CMD_WRITE] += 1
         if (
             flags & ~self._allowed_flags[_CMD_WRITE]
@@ -502,14 +563,25 @@ class NbdConnection(asyncio.BufferedProtocol):
         )
         self._discard = length
         self._discard_cookie = cookie
+        self._discard_error = (p.NBD_EINVAL, "")
+
+    def _skip_refused_write(self, flags: int, cookie: int, offset: int, length: int) -> None:
+        """A write refused before its payload has arrived: the payload is skipped as it
+        comes (never buffered), then the refusal is answered."""
+        self._discard = length
+        self._discard_cookie = cookie
+        self._discard_error = self._refusal(flags)
 
     def _write_refused(self, flags: int, cookie: int, offset: int, length: int) -> None:
+        self._reply_error(cookie, _CMD_WRITE, *self._refusal(flags))
+
+    def _refusal(self, flags: int) -> tuple[int, str]:
+        """Why a write with these flags, or beyond the end, is refused."""
         if flags & ~self._allowed_flags[_CMD_WRITE]:
-            self._reply_error(cookie, _CMD_WRITE, p.NBD_EINVAL, f"bad flags {flags:#x}")
-        elif self._read_only:
-            self._reply_error(cookie, _CMD_WRITE, p.NBD_EPERM, "the export is read-only")
-        else:
-            self._reply_error(cookie, _CMD_WRITE, p.NBD_ENOSPC, "write beyond the end")
+            return p.NBD_EINVAL, f"bad flags {flags:#x}"
+        if self._read_only:
+            return p.NBD_EPERM, "the export is read-only"
+        return p.NBD_ENOSPC, "write beyond the end"
 
     def _dispatch(self, command: int, flags: int, cookie: int, offset: int, length: int) -> None:
         export = self._export
@@ -628,7 +700,9 @@ class NbdConnection(asyncio.BufferedProtocol):
         )
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
-        if len(self._tasks) >= _MAX_SUSPENDED:
+        if command == _CMD_WRITE or command == p.CMD_READ:
+            self._suspended_bytes += length
+        if len(self._tasks) >= _MAX_SUSPENDED or self._suspended_bytes >= _MAX_SUSPENDED_BYTES:
             self._set_pause(_PAUSE_BACKLOG, True)
 
     async def _finish_later(
@@ -646,6 +720,9 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._reply_exception(cookie, command, exc)
         else:
             self._complete(cookie, command, offset, length, flags, result)
+        finally:
+            if command == _CMD_WRITE or command == p.CMD_READ:
+                self._suspended_bytes -= length
         self._schedule_send()
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
@@ -653,11 +730,16 @@ class NbdConnection(asyncio.BufferedProtocol):
         error = None if task.cancelled() else task.exception()
         if error is not None:  # a bug in reply handling: the export's errors are answered
             self._ctx.log.error("NBD request for %s failed", self.peer, exc_info=error)
-        if len(self._tasks) < _MAX_SUSPENDED // 2:
+        if (
+            len(self._tasks) < _MAX_SUSPENDED // 2
+            and self._suspended_bytes < _MAX_SUSPENDED_BYTES // 2
+        ):
             self._set_pause(_PAUSE_BACKLOG, False)
         if not self._tasks:
             if self._pause & _PAUSE_STOPPED:
                 self._close_when_idle()
+            elif self._eof:
+                self._loop.call_soon(self._finish_after_eof)
             self._maybe_finished()
 
     # --- transmission: replies ------------------------------------------------------------

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from vib.nbd import protocol as p
 from vib.nbd.catalog import ExportCatalog, ExportSource
-from vib.nbd.connection import NbdConnection, ServerContext
+from vib.nbd.connection import NbdConnection, PayloadBudget, ServerContext
 from vib.nbd.handshake import BlockSizes
 from vib.nbd.metrics import NbdMetrics
 from vib.nbd.rate_limited_log import RateLimitedLog
@@ -34,12 +34,20 @@ class NbdServer:
         max_request_bytes: int = p.DEFAULT_MAX_PAYLOAD,
         handshake_timeout: float = 10.0,
         shutdown_timeout: float = 30.0,
+        max_connections: int = 1024,
+        payload_budget_bytes: int = 256 * 1024 * 1024,
         registry: CollectorRegistry | None = None,
     ) -> None:
+        """`max_connections`: connections served at once (more are closed on arrival);
+        `payload_budget_bytes`: write payloads received into buffers of their own, all
+        connections together (see `connection.PayloadBudget`)."""
         if not p.DEFAULT_PREFERRED_BLOCK <= max_request_bytes <= 0xFFFFFFFF:
             raise ValueError(
                 f"max_request_bytes must be between {p.DEFAULT_PREFERRED_BLOCK} and 2^32-1"
             )
+        if max_connections < 1 or payload_budget_bytes < 0:
+            raise ValueError("max_connections must be >= 1 and payload_budget_bytes >= 0")
+        self._max_connections = max_connections
         self.metrics = NbdMetrics(registry)
         self._shutdown_timeout = shutdown_timeout
         self._listeners: list[asyncio.AbstractServer] = []
@@ -55,13 +63,20 @@ class NbdServer:
             log=RateLimitedLog(logger),
             shutting_down=lambda: self._closing,
             on_finished=self._connections.discard,
+            payloads=PayloadBudget(payload_budget_bytes),
         )
 
     @property
     def connection_count(self) -> int:
         return len(self._connections)
 
-    def _accept(self) -> NbdConnection:
+    def _accept(self) -> asyncio.BaseProtocol:
+        if len(self._connections) >= self._max_connections:
+            self.metrics.violation("too_many_connections")
+            self._context.log.warning(
+                "NBD: %d connections already; closing a new one", len(self._connections)
+            )
+            return _Refused()
         connection = NbdConnection(self._context)
         self._connections.add(connection)
         return connection
@@ -116,3 +131,10 @@ class NbdServer:
     def _check_open(self) -> None:
         if self._closing:
             raise RuntimeError("the NBD server is closed")
+
+
+class _Refused(asyncio.Protocol):
+    """A connection over the limit: closed as soon as it is made."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
