@@ -1164,9 +1164,7 @@ async def test_connections_over_the_limit_are_closed_on_arrival(
     third = await RawClient.connect(port)
     assert await third.closed_by_server()
     assert (
-        registry.get_sample_value(
-            "nbd_protocol_violations_total", {"kind": "too_many_connections"}
-        )
+        registry.get_sample_value("nbd_protocol_violations_total", {"kind": "too_many_connections"})
         == 1
     )
     first.request(p.CMD_READ, 0, 512)
