@@ -153,7 +153,8 @@ def loop_device(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         subprocess.run(["losetup", "-d", device], check=False)
 
 
-BACKEND_KINDS = ["file", "qemu-nbd-raw", "qemu-nbd-qcow2", "nbdkit-file", "loop"]
+# nbdkit-4k: a server that refuses requests not aligned to 4 KiB (its minimum block size).
+BACKEND_KINDS = ["file", "qemu-nbd-raw", "qemu-nbd-qcow2", "nbdkit-file", "nbdkit-4k", "loop"]
 
 
 @pytest.fixture(params=BACKEND_KINDS)
@@ -182,6 +183,19 @@ def backend(
     elif kind == "nbdkit-file":
         image = _sparse_file(tmp_path / "disk.img")
         with _nbdkit(sock, "file", f"file={image}") as uri, NbdBackend(uri) as b:
+            yield b
+    elif kind == "nbdkit-4k":
+        image = _sparse_file(tmp_path / "disk.img")
+        serve = _nbdkit(
+            sock,
+            "--filter=blocksize-policy",
+            "file",
+            f"file={image}",
+            "blocksize-minimum=4096",
+            "blocksize-preferred=4096",
+            "blocksize-error-policy=error",
+        )
+        with serve as uri, NbdBackend(uri) as b:
             yield b
     else:
         device, _ = request.getfixturevalue("loop_device")

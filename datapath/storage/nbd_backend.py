@@ -33,6 +33,10 @@ class NbdBackend(StorageBackend):
     about what a later read returns). A server without WRITE_ZEROES gets zeros written.
     Extents come from block status on base:allocation; a server without it reports
     the whole disk as data.
+
+    A server may ask for requests aligned to a minimum block size (libnbd then refuses
+    others): reads are widened to whole blocks, writes and zeroes that start or end
+    inside a block write that block whole (read, patch, write back).
     """
 
     def __init__(self, uri: str, *, readonly: bool = False) -> None:
@@ -61,11 +65,16 @@ class NbdBackend(StorageBackend):
             self._can_flush = bool(self._h.can_flush())
             self._has_allocation = bool(self._h.can_meta_context(ALLOCATION_CONTEXT))
             maximum = int(self._h.get_block_size(nbd.SIZE_MAXIMUM))
+            minimum = int(self._h.get_block_size(nbd.SIZE_MINIMUM))
         except nbd.Error as exc:
             self._closed = True
             self._h = None
             raise self._nbd_error("open", exc) from exc
         self._max_request = min(maximum, _DEFAULT_MAX_REQUEST) if maximum else _DEFAULT_MAX_REQUEST
+        # 0: the server did not say; 1: any alignment.
+        self._block = max(1, minimum)
+        if self._block > 1:
+            self._max_request -= self._max_request % self._block
         if not readonly and server_readonly:
             log.info("%s: the server exports it read-only", uri)
 
@@ -75,7 +84,22 @@ class NbdBackend(StorageBackend):
 
     # --- I/O -----------------------------------------------------------------------------
 
+    def _unaligned(self, offset: int, length: int) -> bool:
+        block = self._block
+        return block > 1 and bool(offset % block or length % block)
+
+    def _widened(self, offset: int, length: int) -> tuple[int, int]:
+        """The smallest range of whole blocks holding offset..offset+length."""
+        block = self._block
+        start = offset - offset % block
+        end = -(-(offset + length) // block) * block
+        return start, end - start
+
     def _read(self, offset: int, length: int) -> bytes:
+        if self._unaligned(offset, length):
+            start, span = self._widened(offset, length)
+            data = self._read(start, span)
+            return data[offset - start : offset - start + length]
         if length <= self._max_request:
             try:
                 with self._lock:
@@ -88,6 +112,9 @@ class NbdBackend(StorageBackend):
         return bytes(buf)
 
     def _readinto(self, offset: int, buf: memoryview) -> None:
+        if self._unaligned(offset, len(buf)):
+            buf[:] = self._read(offset, len(buf))
+            return
         # aio_pread fills the caller's buffer directly; waiting on it makes it synchronous.
         h = self._h
         pos = 0
@@ -105,6 +132,9 @@ class NbdBackend(StorageBackend):
             raise self._nbd_error("read", exc, offset + pos, total - pos) from exc
 
     def _write(self, offset: int, data: memoryview) -> None:
+        if self._unaligned(offset, len(data)):
+            self._write_unaligned(offset, data)
+            return
         pos = 0
         total = len(data)
         try:
@@ -116,7 +146,49 @@ class NbdBackend(StorageBackend):
         except self._nbd.Error as exc:
             raise self._nbd_error("write", exc, offset + pos, total - pos) from exc
 
+    def _write_unaligned(self, offset: int, data: memoryview) -> None:
+        """The partial blocks at either end are read, patched and written back whole
+        (under the handle's lock: no other thread's write lands in between); the whole
+        blocks between them are written as they are."""
+        block = self._block
+        end = offset + len(data)
+        head_end = min(end, offset - offset % block + block) if offset % block else offset
+        tail_start = max(head_end, end - end % block)
+        if head_end > offset:
+            self._patch_block(offset, data[: head_end - offset])
+        if tail_start > head_end:
+            self._write(head_end, data[head_end - offset : tail_start - offset])
+        if end > tail_start:
+            self._patch_block(tail_start, data[tail_start - offset :])
+
+    def _patch_block(self, offset: int, data: memoryview) -> None:
+        """Writes `data`, which lies within one block, by rewriting that block."""
+        start = offset - offset % self._block
+        try:
+            with self._lock:
+                content = bytearray(self._h.pread(self._block, start))
+                content[offset - start : offset - start + len(data)] = data
+                self._h.pwrite(content, start)
+        except self._nbd.Error as exc:
+            raise self._nbd_error("write", exc, offset, len(data)) from exc
+
     def _write_zeroes(self, offset: int, length: int, punch_hole: bool) -> None:
+        if self._unaligned(offset, length):
+            # Zeros written into the partial blocks at the ends, the rest zeroed.
+            start, span = self._widened(offset, length)
+            first_whole = start if start == offset else start + self._block
+            last_whole = (
+                start + span if start + span == offset + length else start + span - self._block
+            )
+            if last_whole <= first_whole:
+                self._write_zeros_by_data(offset, length)
+                return
+            if first_whole > offset:
+                self._write_zeros_by_data(offset, first_whole - offset)
+            self._write_zeroes(first_whole, last_whole - first_whole, punch_hole)
+            if offset + length > last_whole:
+                self._write_zeros_by_data(last_whole, offset + length - last_whole)
+            return
         if not self.can_zero:
             self._write_zeros_by_data(offset, length)
             return
@@ -151,11 +223,19 @@ class NbdBackend(StorageBackend):
 
     def _status_runs(self, offset: int, length: int) -> Iterator[tuple[int, int, int]]:
         """(offset, length, base:allocation flags) runs tiling the range."""
-        end = offset + length
-        pos = offset
         if not self._has_allocation:
             yield offset, length, 0
             return
+        if self._unaligned(offset, length):
+            # Asked for whole blocks; a partial block's run is clipped to the range.
+            start, span = self._widened(offset, length)
+            for pos, run, flags in self._status_runs(start, span):
+                clipped_start, clipped_end = max(pos, offset), min(pos + run, offset + length)
+                if clipped_end > clipped_start:
+                    yield clipped_start, clipped_end - clipped_start, flags
+            return
+        end = offset + length
+        pos = offset
         entries: list[int] = []
 
         def collect(context: str, _offset: int, got: list[int], _error: Any) -> int:
