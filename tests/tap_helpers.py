@@ -1,5 +1,6 @@
 """Helpers for the tap tests: plans, a tap in this process or in a child process, real
-NBD clients (qemu-io, qemu-img, fio) and replaying the tap topic onto empty files."""
+NBD clients (qemu-io, qemu-img, fio), replaying the tap topic onto empty files, and a
+tap topic in memory whose sends can be held (a broker that stopped answering)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any
 
 import httpx
 
+from datapath.journal import decode_frame
 from datapath.kafka import KafkaClusterSettings
 from datapath.localsite import LOG_TAIL_LINES, free_loopback_ports, log_tail
 from datapath.protection import (
@@ -31,9 +33,11 @@ from datapath.storage import FileBackend
 from vib.replay import ReplayResult, replay_tap_topic
 from vib.settings import TapSettings
 from vib.tap_worker import TapWorker
+from vib.vm_tap import Mode, VmTap
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
+HELD_BUFFER = MiB  # the buffer of `held_tap`
 
 
 @dataclass
@@ -264,3 +268,81 @@ class TapProcess:
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         return log_tail(self.log_path, lines=lines)
+
+
+class HeldTopic:
+    """A tap topic in memory: frames are kept in order; `hold()` makes sends wait (and so
+    the tap's buffer fill) until `release()`."""
+
+    topic = "dm.tap.held"
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+        self._open = asyncio.Event()
+        self._open.set()
+
+    def hold(self) -> None:
+        self._open.clear()
+
+    def release(self) -> None:
+        self._open.set()
+
+    async def connect(self) -> _HeldSession:
+        if not self.frames:
+            return _HeldSession(self, 0, 0)
+        last = decode_frame(self.frames[-1])
+        return _HeldSession(self, last.records[-1].seq, last.epoch)
+
+
+class _HeldSession:
+    def __init__(self, topic: HeldTopic, last_seq: int, last_epoch: int) -> None:
+        self._topic = topic
+        self.last_seq = last_seq
+        self.last_epoch = last_epoch
+
+    async def send(self, frame: bytes) -> asyncio.Future[Any]:
+        await self._topic._open.wait()
+        self._topic.frames.append(bytes(frame))
+        acked: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        acked.set_result(None)
+        return acked
+
+    async def close(self, grace_s: float) -> None:
+        pass
+
+    async def abort(self) -> None:
+        pass
+
+
+@contextlib.asynccontextmanager
+async def held_tap(
+    tmp_path: Path, source: Path, size: int, topic: HeldTopic, **overrides: Any
+) -> AsyncIterator[VmTap]:
+    """One VM's tap (one disk, `source`) publishing to `topic`, in this process, with a
+    small buffer and frames for the tests that fill it; stopped on exit."""
+    vm = ProtectedVM(
+        id="vm-held",
+        disks=[Disk(name="d0", source=str(source), target="-", size=size)],
+        journal=Journal(max_message_bytes=8 * MiB),
+    )
+    settings = TapSettings(
+        plan=tmp_path / "plan.yaml",
+        state_dir=tmp_path / "state",
+        buffer_max_bytes=HELD_BUFFER,
+        frame_max_bytes=64 * 1024,
+        resync_chunk_bytes=64 * 1024,
+        linger_ms=1,
+        fast_writes=False,
+        heartbeat_interval_s=0,
+        writeback_interval_s=0,
+        retire_interval_s=100,
+        full_sync_on_first_protect=False,
+        **overrides,
+    )
+    tap = VmTap(vm, settings, topic)
+    await tap.start()
+    try:
+        await wait_until(lambda: tap.mode is Mode.LIVE, what="publishing")
+        yield tap
+    finally:
+        await tap.stop(drain_timeout=1)

@@ -6,6 +6,8 @@ import asyncio
 from typing import Any
 
 from datapath.journal import RECORD_HEADER_SIZE, RecordKind, decode_frame
+from datapath.kafka import KafkaUnavailable
+from vib.producer_child import Acks
 from vib.publisher import PublishSession
 
 
@@ -118,3 +120,25 @@ async def test_a_large_record_travels_alone_in_its_frame_in_order() -> None:
     frames = [decode_frame(frame) for frame in sink.frames]
     assert [[r.seq for r in frame.records] for frame in frames] == [[1], [2], [3]]
     assert bytes(frames[1].records[0].data) == large
+
+
+async def test_the_child_producer_never_counts_a_frame_after_a_failed_one() -> None:
+    # The parent maps the child's acknowledgement count onto its oldest frames: a frame
+    # acknowledged after a failed one must not make the failed one look acknowledged.
+    lines: list[dict[str, object]] = []
+
+    class Lines:
+        def send_line(self, message: dict[str, object]) -> None:
+            lines.append(message)
+
+    acks = Acks(Lines())  # type: ignore[arg-type]
+    loop = asyncio.get_running_loop()
+    first, failed, later = (loop.create_future() for _ in range(3))
+    first.set_result(None)
+    failed.set_exception(KafkaUnavailable("message timed out"))
+    later.set_result(None)
+    for fut in (first, failed, later):
+        acks.done(fut)
+    await asyncio.sleep(0)
+    assert lines == [{"acked": 1}]
+    assert acks.failed.done()

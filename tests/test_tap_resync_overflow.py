@@ -11,95 +11,16 @@ the source disk."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from tap_helpers import MiB, wait_until
+from tap_helpers import HELD_BUFFER, HeldTopic, MiB, held_tap, wait_until
 
 from datapath.journal import RECORD_HEADER_SIZE, MarkerKind, RecordKind, decode_frame
-from datapath.protection import Disk, Journal, ProtectedVM
 from datapath.storage import FileBackend
 from vib.replay import replay_frames
-from vib.settings import TapSettings
 from vib.vm_tap import Mode, TapDisk, VmTap
-
-BUFFER = MiB
-
-
-class HeldTopic:
-    """A tap topic in memory: frames are kept in order; `hold()` makes sends wait (and so
-    the tap's buffer fill) until `release()`."""
-
-    topic = "dm.tap.held"
-
-    def __init__(self) -> None:
-        self.frames: list[bytes] = []
-        self._open = asyncio.Event()
-        self._open.set()
-
-    def hold(self) -> None:
-        self._open.clear()
-
-    def release(self) -> None:
-        self._open.set()
-
-    async def connect(self) -> _HeldSession:
-        last = decode_frame(self.frames[-1]).records[-1].seq if self.frames else 0
-        return _HeldSession(self, last)
-
-
-class _HeldSession:
-    def __init__(self, topic: HeldTopic, last_seq: int) -> None:
-        self._topic = topic
-        self.last_seq = last_seq
-
-    async def send(self, frame: bytes) -> asyncio.Future[Any]:
-        await self._topic._open.wait()
-        self._topic.frames.append(bytes(frame))
-        acked: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        acked.set_result(None)
-        return acked
-
-    async def close(self, grace_s: float) -> None:
-        pass
-
-    async def abort(self) -> None:
-        pass
-
-
-@contextlib.asynccontextmanager
-async def held_tap(
-    tmp_path: Path, source: Path, size: int, topic: HeldTopic, **overrides: Any
-) -> AsyncIterator[VmTap]:
-    vm = ProtectedVM(
-        id="vm-held",
-        disks=[Disk(name="d0", source=str(source), target="-", size=size)],
-        journal=Journal(max_message_bytes=8 * MiB),
-    )
-    settings = TapSettings(
-        plan=tmp_path / "plan.yaml",
-        state_dir=tmp_path / "state",
-        buffer_max_bytes=BUFFER,
-        frame_max_bytes=64 * 1024,
-        resync_chunk_bytes=64 * 1024,
-        linger_ms=1,
-        fast_writes=False,
-        heartbeat_interval_s=0,
-        writeback_interval_s=0,
-        retire_interval_s=100,
-        full_sync_on_first_protect=False,
-        **overrides,
-    )
-    tap = VmTap(vm, settings, topic)
-    await tap.start()
-    try:
-        await wait_until(lambda: tap.mode is Mode.LIVE, what="publishing")
-        yield tap
-    finally:
-        await tap.stop(drain_timeout=1)
 
 
 def source_disk(tmp_path: Path, content: bytes) -> Path:
@@ -115,7 +36,7 @@ async def fill_to_just_below(tap: VmTap, disk: TapDisk, offset: int, room: int) 
     assert session is not None
     offsets = []
     piece = 32 * 1024
-    while (left := BUFFER - session.buffered_bytes - room) > 0:
+    while (left := HELD_BUFFER - session.buffered_bytes - room) > 0:
         size = min(piece, left - RECORD_HEADER_SIZE)
         if size <= 0:
             break

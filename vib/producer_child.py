@@ -136,6 +136,10 @@ class Acks:
         self._scheduled = False
 
     def done(self, fut: asyncio.Future[Any]) -> None:
+        if self.failed.done():
+            # A frame after a failed one: counting it would tell the parent, which maps
+            # the count onto its oldest frames, that the failed one was acknowledged.
+            return
         if fut.cancelled():
             self.fail(KafkaError("a send was cancelled"))
             return
@@ -172,7 +176,7 @@ async def serve(receiver: FrameReceiver) -> int:
     except (KafkaError, JournalError, OSError) as exc:
         receiver.send_line({"error": str(exc), "fatal": isinstance(exc, KafkaFatal | JournalError)})
         return 1
-    receiver.send_line({"ready": session.last_seq})
+    receiver.send_line({"ready": session.last_seq, "epoch": session.last_epoch})
     acks = Acks(receiver)
     pump = asyncio.create_task(pump_frames(receiver, session, acks))
     waiting: list[asyncio.Future[Any]] = [pump, acks.failed]

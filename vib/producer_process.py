@@ -12,8 +12,8 @@ The child also dies with its parent (PR_SET_PDEATHSIG), e.g. when the tap is SIG
 
 Parent -> child: messages, each a u32 length and the bytes: first the configuration
 (JSON), then frames; a length of 0 asks the child to flush and exit.
-Child -> parent: JSON lines: {"ready": last_seq}, {"acked": count} (cumulative, in
-order), {"error": text, "fatal": bool}.
+Child -> parent: JSON lines: {"ready": last_seq, "epoch": epoch of that frame},
+{"acked": count} (cumulative, in order), {"error": text, "fatal": bool}.
 """
 
 from __future__ import annotations
@@ -51,12 +51,14 @@ class ProducerProcess:
         writer: asyncio.StreamWriter,
         topic: str,
         last_seq: int,
+        last_epoch: int,
     ) -> None:
         self._proc = proc
         self._reader = reader
         self._writer = writer
         self.topic = topic
         self.last_seq = last_seq
+        self.last_epoch = last_epoch
         self._pending: collections.deque[asyncio.Future[Any]] = collections.deque()
         self._acked = 0
         self._failure: BaseException | None = None
@@ -192,7 +194,9 @@ class ProcessTapTopic:
             writer.close()
             kind = KafkaFatal if message.get("fatal") else KafkaUnavailable
             raise kind(str(message.get("error")))
-        return ProducerProcess(proc, reader, writer, self.topic, int(message["ready"]))
+        return ProducerProcess(
+            proc, reader, writer, self.topic, int(message["ready"]), int(message["epoch"])
+        )
 
 
 def _cluster_with_secrets(cluster: KafkaClusterSettings) -> dict[str, Any]:

@@ -14,10 +14,13 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 
 from datapath.storage.linux import fsync_directory
+
+log = logging.getLogger(__name__)
 
 
 def _write_durably(path: Path, text: str) -> None:
@@ -62,21 +65,29 @@ class TapState:
     def epoch(self) -> int:
         return _read_int(self.directory / "epoch")
 
-    def next_epoch(self) -> int:
-        epoch = self.epoch + 1
+    def next_epoch(self, *, after: int = 0) -> int:
+        """A new epoch, above the last one this directory gave and above `after` (the
+        epoch of the topic's last frame: a state directory restored from a backup, or a
+        VM moved to another host, must not go back)."""
+        epoch = max(self.epoch, after) + 1
         _write_durably(self.directory / "epoch", f"{epoch}\n")
         return epoch
 
     @property
     def last_seq(self) -> int:
-        return _read_int(self.directory / "last_seq")
+        """The last sequence number saved (0: none), a fallback for a topic that holds no
+        frame any more. A file that cannot be read counts as none, loudly: it must not
+        keep the tap, which serves every VM's guest, from starting."""
+        try:
+            return _read_int(self.directory / "last_seq")
+        except (ValueError, OSError) as exc:
+            log.error("the saved last sequence number is unreadable, ignoring it: %s", exc)
+            return 0
 
     def save_last_seq(self, seq: int) -> None:
-        # Lazy on purpose: the topic is the authority, this is only a fallback.
-        path = self.directory / "last_seq"
-        tmp = path.with_name("last_seq.tmp")
-        tmp.write_text(f"{seq}\n")
-        os.replace(tmp, path)
+        """Made durable (run it off the event loop): the topic is the authority, but when
+        retention has emptied it, this is all there is to go on."""
+        _write_durably(self.directory / "last_seq", f"{seq}\n")
 
     @property
     def full_sync(self) -> str | None:

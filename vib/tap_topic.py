@@ -35,12 +35,15 @@ _TAIL_FETCH_BYTES = 16 * 1024 * 1024
 
 
 class TopicSession:
-    """An idempotent producer on the tap topic, for one publishing session."""
+    """An idempotent producer on the tap topic, for one publishing session, and where the
+    topic ended when it started: the last sequence number and the epoch of its last frame
+    (0 and 0 for an empty topic)."""
 
-    def __init__(self, producer: Producer, topic: str, last_seq: int) -> None:
+    def __init__(self, producer: Producer, topic: str, last_seq: int, last_epoch: int) -> None:
         self._producer = producer
         self.topic = topic
         self.last_seq = last_seq
+        self.last_epoch = last_epoch
 
     async def send(self, frame: bytes) -> asyncio.Future[Any]:
         delivery = await self._producer.send(self.topic, frame, partition=0)
@@ -103,8 +106,9 @@ class TapTopic:
             await admin.create_topics(specs)
         self._topic_ready = True
 
-    async def last_seq(self) -> int | None:
-        """The last sequence number in the topic; None when it holds no frame at all."""
+    async def tail(self) -> tuple[int, int] | None:
+        """The last sequence number in the topic and the epoch of the frame holding it;
+        None when it holds no frame at all."""
         tp = TopicPartition(self.topic, 0)
         consumer = Consumer(
             self.cluster,
@@ -127,7 +131,8 @@ class TapTopic:
                 if messages:
                     last = messages[-1]
                     try:
-                        return peek_frame_header(last.value).last_seq
+                        header = peek_frame_header(last.value)
+                        return header.last_seq, header.epoch
                     except JournalError as exc:
                         raise JournalError(
                             f"the last message of {self.topic} (offset {last.offset}) is not "
@@ -137,7 +142,7 @@ class TapTopic:
 
     async def connect(self) -> TopicSession:
         await self.ensure_topic()
-        last = await self.last_seq()
+        tail = await self.tail()
         producer = Producer(
             self.cluster,
             linger_ms=0,  # the tap gathers frames itself
@@ -152,4 +157,5 @@ class TapTopic:
             with contextlib.suppress(KafkaError):
                 await producer.stop()
             raise
-        return TopicSession(producer, self.topic, last or 0)
+        last_seq, last_epoch = tail or (0, 0)
+        return TopicSession(producer, self.topic, last_seq, last_epoch)

@@ -87,6 +87,7 @@ class AckOverdue(SessionFailed):
 
 class TopicSession(FrameSink, Protocol):
     last_seq: int
+    last_epoch: int
 
     async def close(self, grace_s: float) -> None:
         """Stops after sending what is queued (up to grace_s), else like abort()."""
@@ -348,9 +349,12 @@ class VmTap:
                 sessions_task.cancel()
         else:
             sessions_task.cancel()  # still trying to reach Kafka: nothing to hand over
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for task, outcome in zip(
+            self._tasks, await asyncio.gather(*self._tasks, return_exceptions=True), strict=True
+        ):
+            if isinstance(outcome, Exception):
+                # Stopping goes on: the bitmaps must be flushed and the files closed.
+                log.error("VM %s: %s ended with %r", self.vm_id, task.get_name(), outcome)
         self._tasks = []
         if self._background:
             await asyncio.wait(self._background, timeout=5)
@@ -358,6 +362,8 @@ class VmTap:
             await self._flush_bitmaps()
             if self.covered() >= self._gen:
                 self._al.reset()
+            if self._acked_seq > self._saved_seq:
+                await asyncio.to_thread(self.state.save_last_seq, self._acked_seq)
         finally:
             await self._close_files()
             self._started = False
@@ -883,6 +889,11 @@ class VmTap:
                     clean = True
                     return
                 clean = await self._publish(conn)
+            except OSError as exc:
+                # The state directory refused the new epoch: this session never began,
+                # and the next attempt may find room again.
+                self.last_error = f"cannot start publishing: {exc}"
+                log.error("VM %s: %s", self.vm_id, self.last_error)
             finally:
                 # A producer that failed must not live on: its sender would keep retrying
                 # and could land old frames after the next session read the topic's tail.
@@ -897,12 +908,15 @@ class VmTap:
     async def _publish(self, conn: TopicSession) -> bool:
         """Publishes through `conn` until the session ends; True if it ended with
         everything acknowledged."""
-        epoch = self.state.next_epoch()
+        epoch = self.state.next_epoch(after=conn.last_epoch)
         last = conn.last_seq
-        if last == 0 and self._saved_seq:
+        if last < self._saved_seq:
+            # Retention emptied the topic (or a stale frame is its last): numbers up to
+            # the saved one were given out, and must never be given again.
             log.warning(
-                "VM %s: tap topic holds no frame; continuing after seq %d from the local state",
+                "VM %s: tap topic ends at seq %d; continuing after seq %d from the local state",
                 self.vm_id,
+                last,
                 self._saved_seq,
             )
             last = self._saved_seq
