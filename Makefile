@@ -11,6 +11,11 @@ PY_HEADERS := $(shell $(PYTHON) -c "import os, sysconfig; print(os.path.exists(o
 ifneq ($(PY_HEADERS),True)
 DEB_PACKAGES += python3-dev
 endif
+# Debian's own Python makes venvs only with python3-venv (ensurepip); pyenv's has it.
+PY_ENSUREPIP := $(shell $(PYTHON) -c "import ensurepip; print(True)" 2>/dev/null)
+ifneq ($(PY_ENSUREPIP),True)
+DEB_PACKAGES += python3-venv
+endif
 KAFKA_LIB := deploy/kafka/lib
 
 .PHONY: setup deps-deb deps-python deps-kafka demo test lint format bench bench-quick clean lock
@@ -29,7 +34,7 @@ deps-deb:
 deps-python: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.lock pyproject.toml setup.py vib/_fast_writes.c deploy/libnbd_into_venv.sh
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@test -x $(PY) && $(PY) -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.lock
 	$(PY) -m pip install -q --no-deps -e .

@@ -8,14 +8,16 @@ the services.
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Self
+from typing import Annotated, Any, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
+from datapath.config_errors import describe
 from datapath.kafka.settings import KafkaClusterSettings
 
 VM_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,119}$")
@@ -114,20 +116,33 @@ def load_protection_plan(path: str | Path) -> ProtectionPlan:
     try:
         return ProtectionPlan.model_validate(raw or {})
     except ValidationError as exc:
-        raise ProtectionPlanError(f"protection plan {path} is invalid:\n{exc}") from exc
+        # Not str(exc): it repeats the values, and a cluster block holds passwords.
+        raise ProtectionPlanError(f"protection plan {path} is invalid:\n{describe(exc)}") from None
 
 
 def dump_protection_plan(plan: ProtectionPlan, path: str | Path) -> None:
+    """Writes the plan for the services to read: with its secrets, so readable by its
+    owner only."""
     data = plan.model_dump(mode="json", exclude_none=True)
-    _reveal_secrets(data, plan)
-    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+    _reveal_secrets(plan, data)
+    text = yaml.safe_dump(data, sort_keys=False)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(fd, 0o600)  # an existing file keeps its mode otherwise
+        f.write(text)
 
 
-def _reveal_secrets(data: dict[str, object], plan: ProtectionPlan) -> None:
-    # model_dump masks SecretStr; a plan file written for the services must carry them.
-    sites = data["sites"]
-    assert isinstance(sites, dict)
-    for role in ("source", "target"):
-        password = getattr(plan.sites, role).kafka.sasl_password
-        if password is not None:
-            sites[role]["kafka"]["sasl_password"] = password.get_secret_value()
+def _reveal_secrets(model: BaseModel, data: dict[str, Any]) -> None:
+    """model_dump masks every SecretStr; a plan file written for the services must carry
+    them (SASL and TLS key passwords alike, wherever they are)."""
+    for name, value in model:
+        if name not in data:
+            continue
+        if isinstance(value, SecretStr):
+            data[name] = value.get_secret_value()
+        elif isinstance(value, BaseModel):
+            _reveal_secrets(value, data[name])
+        elif isinstance(value, list):
+            for item, dumped in zip(value, data[name], strict=True):
+                if isinstance(item, BaseModel):
+                    _reveal_secrets(item, dumped)

@@ -12,16 +12,22 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
+import typer
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings
 
+from datapath.config_errors import describe
 from datapath.malloc_tuning import tune_malloc
 
 log = logging.getLogger(__name__)
+
+SettingsT = TypeVar("SettingsT", bound=BaseSettings)
 
 
 class Worker(Protocol):
@@ -90,6 +96,23 @@ def given(**options: Any) -> dict[str, Any]:
     ``DM_*`` environment variable or its default) instead of being forced to None.
     """
     return {name: value for name, value in options.items() if value is not None}
+
+
+def load_settings(cls: type[SettingsT], **options: Any) -> SettingsT:
+    """A service's settings: its ``DM_*`` environment, overridden by the command-line
+    options given (None: not given). Invalid or missing ones end the command with one
+    line per problem, naming the setting and its variable, never its value."""
+    try:
+        return cls(**given(**options))
+    except ValidationError as exc:
+        config = cls.model_config
+        detail = describe(
+            exc,
+            env_prefix=config.get("env_prefix") or "",
+            nested_delimiter=config.get("env_nested_delimiter") or "__",
+        )
+        typer.echo(f"invalid settings:\n{detail}", err=True)
+        raise typer.Exit(2) from None
 
 
 def run_app(app: FastAPI, host: str, port: int, *, log_level: str = "info") -> None:

@@ -70,6 +70,14 @@ def local_up(directory: LocalDir = DEFAULT_LOCAL_DIR, timeout: float = 180.0) ->
     with console.status("starting the source and target sites and the services..."):
         while read_state(directory) is None:
             if supervisor.poll() is not None or time.monotonic() > deadline:
+                if supervisor.poll() is None:
+                    # Still starting: stopped, or it would finish later with nobody to
+                    # stop it (`local down` finds no state until it has written one).
+                    supervisor.terminate()
+                    try:
+                        supervisor.wait(60)
+                    except subprocess.TimeoutExpired:
+                        supervisor.kill()
                 console.print(f"[red]local deployment failed to start[/red]\n{log_tail(log_path)}")
                 raise typer.Exit(1)
             time.sleep(0.3)

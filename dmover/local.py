@@ -22,7 +22,13 @@ from typing import Any
 import httpx
 
 from datapath.kafka.settings import KafkaClusterSettings
-from datapath.localsite import LocalSites, free_loopback_ports, log_tail
+from datapath.localsite import (
+    LocalSites,
+    SiteError,
+    die_with_parent,
+    free_loopback_ports,
+    log_tail,
+)
 from datapath.protection import (
     Disk,
     ProtectedVM,
@@ -54,7 +60,14 @@ class ServiceProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as out:
             self.process = subprocess.Popen(
-                self.argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                self.argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                # A supervisor killed (SIGKILL, the OOM killer) takes its services along,
+                # as it does its brokers: none is left to fight the next `local up`.
+                preexec_fn=die_with_parent(signal.SIGTERM),
             )
 
     def wait_healthy(self, timeout: float) -> None:
@@ -159,7 +172,10 @@ class LocalDeployment:
         self.root.mkdir(parents=True, exist_ok=True)
         try:
             if self.kafka is None:
-                self.sites = LocalSites.start(self.root / "sites")
+                try:
+                    self.sites = LocalSites.start(self.root / "sites")
+                except SiteError as exc:  # no jars, no Java, a broker that would not start
+                    raise DeploymentError(f"the local Kafka sites did not start: {exc}") from exc
                 source, target = self.sites.source.bootstrap, self.sites.target.bootstrap
             else:
                 source, target = self.kafka

@@ -157,6 +157,26 @@ async def test_missing_journal_topic_is_reported_or_created(
     assert images_of(disks) == [bytes(vm.model[0])]
 
 
+async def test_an_applier_whose_loop_keeps_failing_is_not_ready(
+    tmp_path: Path,
+    source_cluster: KafkaClusterSettings,
+    target_cluster: KafkaClusterSettings,
+    vm_id: str,
+) -> None:
+    # The plan's target (1 MiB) is smaller than the source's writes reach (2 MiB).
+    _, plan = await file_targets(tmp_path, source_cluster, target_cluster, vm_id, [MIB])
+    vm = SourceVm(vm_id, [2 * MIB], seed=21)
+    async with (
+        JournalWriter(target_cluster, vm_id) as writer,
+        running_applier(plan, tmp_path / "state") as worker,
+    ):
+        await wait_until(worker.ready, what="ready")
+        await writer.send(vm.batch([vm.write(0, 2 * MIB // BLOCK - 1, 1)]))
+        await wait_until(lambda: worker.vm(vm_id).phase == "error", what="the loop failing")
+        assert not worker.ready()
+        assert "BatchRefused" in worker.status()["vms"][vm_id]["last_error"]
+
+
 async def test_duplicate_batches_are_refused_silently(
     tmp_path: Path,
     source_cluster: KafkaClusterSettings,

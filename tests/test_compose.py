@@ -44,6 +44,25 @@ def test_compose_services_have_healthchecks() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     for name, service in compose["services"].items():
         assert "healthcheck" in service, f"service {name} has no healthcheck"
+        if service.get("command", [""])[0] == "dmover":
+            # /health answers whatever the worker does; /ready says it does its job.
+            assert "/ready" in " ".join(service["healthcheck"]["test"]), name
+
+
+def test_compose_keeps_the_journals_and_the_positions_on_volumes() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    for site in ("kafka-source", "kafka-target"):
+        log_dirs = services[site]["environment"]["KAFKA_LOG_DIRS"]
+        assert any(v.split(":")[1] == log_dirs for v in services[site]["volumes"]), site
+    # The services run as uid 1000; the image makes the directories the plan's disks
+    # and the state live in, owned by it, so a new volume starts writable.
+    plan = yaml.safe_load((ROOT / "deploy" / "compose" / "plan.yaml").read_text())
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    assert "USER 1000" in dockerfile and "chown -R 1000:1000 /var/lib/datamover" in dockerfile
+    for disk in plan["vms"][0]["disks"]:
+        for path in (disk["source"], disk["target"]):
+            assert str(Path(path).parent) in dockerfile, path
 
 
 def test_compose_plan_is_a_valid_protection_plan() -> None:

@@ -77,3 +77,56 @@ def test_invalid_plan_fails_with_a_clear_error(tmp_path: Path, text: str, needle
 def test_missing_plan_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(ProtectionPlanError, match=r"nope\.yaml"):
         load_protection_plan(tmp_path / "nope.yaml")
+
+
+def test_every_secret_is_written_for_the_services_and_readable_by_the_owner_only(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "plan.yaml"
+    path.write_text(
+        """
+sites:
+  source:
+    kafka:
+      bootstrap_servers: "127.0.0.1:9093"
+      security_protocol: SASL_SSL
+      sasl_mechanism: SCRAM-SHA-512
+      sasl_username: dm
+      sasl_password: "sasl-s3cret"
+      ssl_certfile: /etc/dm/client.pem
+      ssl_keyfile: /etc/dm/client.key
+      ssl_key_password: "key-s3cret"
+  target: {kafka: {bootstrap_servers: "127.0.0.1:9094"}}
+vms: []
+"""
+    )
+    plan = load_protection_plan(path)
+    out = tmp_path / "out.yaml"
+    out.write_text("")
+    out.chmod(0o644)
+    dump_protection_plan(plan, out)
+    assert load_protection_plan(out) == plan
+    kafka = plan.sites.source.kafka
+    reloaded = load_protection_plan(out).sites.source.kafka
+    assert reloaded.ssl_key_password is not None and kafka.ssl_key_password is not None
+    assert reloaded.ssl_key_password.get_secret_value() == "key-s3cret"
+    assert out.stat().st_mode & 0o777 == 0o600
+
+
+def test_an_invalid_cluster_block_is_named_without_its_password(tmp_path: Path) -> None:
+    path = tmp_path / "plan.yaml"
+    path.write_text(
+        """
+sites:
+  source:
+    kafka: {bootstrap_servers: "x:1", sasl_mechanism: PLAIN, sasl_username: u,
+            sasl_password: "hunter2-s3cret"}
+  target: {kafka: {bootstrap_servers: "y:1"}}
+vms: []
+"""
+    )
+    with pytest.raises(ProtectionPlanError) as caught:
+        load_protection_plan(path)
+    message = str(caught.value)
+    assert "sites.source.kafka" in message and "security_protocol" in message
+    assert "hunter2" not in message

@@ -7,15 +7,17 @@ from typing import Annotated
 
 import typer
 
-from datapath.service import configure_logging, given, run_app
+from datapath.service import configure_logging, load_settings, run_app
 from services.applier.app import create_app
 from services.applier.settings import ApplierSettings
 
 
 def applier_command(
-    plan: Annotated[Path, typer.Option(help="protection plan file (YAML or TOML)")],
-    host: Annotated[str, typer.Option(help="HTTP address to listen on")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="HTTP port")] = 8103,
+    plan: Annotated[
+        Path | None, typer.Option(help="protection plan file (YAML or TOML) [DM_APPLIER_PLAN]")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="HTTP address [default: 127.0.0.1]")] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port [default: 8103]")] = None,
     state_dir: Annotated[
         Path | None,
         typer.Option(help="applied positions (default: DM_APPLIER_STATE_DIR or built-in)"),
@@ -25,9 +27,17 @@ def applier_command(
     ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
 ) -> None:
-    """Apply each protected VM's batches, whole and in order, to its target disks."""
-    settings = ApplierSettings(
-        plan=plan, host=host, port=port, **given(state_dir=state_dir, status_site=status_site)
-    )
+    """Apply each protected VM's batches, whole and in order, to its target disks.
+
+    Every setting can also come from its DM_APPLIER_* environment variable; an option
+    given here wins."""
     configure_logging(log_level)
+    settings = load_settings(
+        ApplierSettings,
+        plan=plan,
+        host=host,
+        port=port,
+        state_dir=state_dir,
+        status_site=status_site,
+    )
     run_app(create_app(settings), settings.host, settings.port, log_level=log_level)

@@ -278,6 +278,8 @@ class VmApplier:
                 await self._fill()
                 await self._drain()
         finally:
+            # Not ready while the worker waits to run it again (/ready says so).
+            self.started = False
             self._running.clear()
             self._paused.clear()
             disks, self._disks = self._disks, None

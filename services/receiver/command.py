@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from datapath.service import configure_logging, given, run_app
+from datapath.service import configure_logging, load_settings, run_app
 
 from .app import create_app
 from .settings import ReceiverSettings
@@ -17,11 +17,15 @@ log = logging.getLogger(__name__)
 
 
 def receiver_command(
-    plan: Annotated[Path, typer.Option("--plan", help="protection plan file (YAML or TOML)")],
-    host: Annotated[str, typer.Option(help="HTTP address for /health /ready /metrics")] = (
-        "127.0.0.1"
-    ),
-    port: Annotated[int, typer.Option(help="HTTP port")] = 8101,
+    plan: Annotated[
+        Path | None,
+        typer.Option("--plan", help="protection plan file (YAML or TOML) [DM_RECEIVER_PLAN]"),
+    ] = None,
+    host: Annotated[
+        str | None,
+        typer.Option(help="HTTP address for /health /ready /metrics [default: 127.0.0.1]"),
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port [default: 8101]")] = None,
     instance_id: Annotated[
         str | None,
         typer.Option(help="static group member id, unique per receiver (fast restarts)"),
@@ -31,13 +35,18 @@ def receiver_command(
     ] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING, ERROR")] = "INFO",
 ) -> None:
-    """Fold the tap topics of the protected VMs into consistency batches, exactly once."""
+    """Fold the tap topics of the protected VMs into consistency batches, exactly once.
+
+    Every setting can also come from its DM_RECEIVER_* environment variable; an option
+    given here wins."""
     configure_logging(log_level)
-    settings = ReceiverSettings(
+    settings = load_settings(
+        ReceiverSettings,
         plan=plan,
         http_host=host,
         http_port=port,
-        **given(instance_id=instance_id, batch_interval_s=batch_interval),
+        instance_id=instance_id,
+        batch_interval_s=batch_interval,
     )
     log.info("receiver settings: %s", settings.model_dump_json())
     run_app(

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from datapath.service import configure_logging, given, run_app
+from datapath.service import configure_logging, load_settings, run_app
 
 from .app import create_app
 from .settings import TransceiverSettings
@@ -17,11 +17,15 @@ log = logging.getLogger(__name__)
 
 
 def transceiver_command(
-    plan: Annotated[Path, typer.Option("--plan", help="protection plan file (YAML or TOML)")],
-    host: Annotated[str, typer.Option(help="HTTP address for /health /ready /metrics")] = (
-        "127.0.0.1"
-    ),
-    port: Annotated[int, typer.Option(help="HTTP port")] = 8102,
+    plan: Annotated[
+        Path | None,
+        typer.Option("--plan", help="protection plan file (YAML or TOML) [DM_TRANSCEIVER_PLAN]"),
+    ] = None,
+    host: Annotated[
+        str | None,
+        typer.Option(help="HTTP address for /health /ready /metrics [default: 127.0.0.1]"),
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port [default: 8102]")] = None,
     mode: Annotated[
         Literal["continuous", "periodic"] | None,
         typer.Option(help="continuous (default) or periodic"),
@@ -34,13 +38,19 @@ def transceiver_command(
     ] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING, ERROR")] = "INFO",
 ) -> None:
-    """Copy the VMs' batch topics from the source cluster to the target, exactly once."""
+    """Copy the VMs' batch topics from the source cluster to the target, exactly once.
+
+    Every setting can also come from its DM_TRANSCEIVER_* environment variable; an
+    option given here wins."""
     configure_logging(log_level)
-    settings = TransceiverSettings(
+    settings = load_settings(
+        TransceiverSettings,
         plan=plan,
         http_host=host,
         http_port=port,
-        **given(mode=mode, interval_s=interval, bandwidth_bytes_per_s=bandwidth),
+        mode=mode,
+        interval_s=interval,
+        bandwidth_bytes_per_s=bandwidth,
     )
     log.info("transceiver settings: %s", settings.model_dump_json())
     run_app(
