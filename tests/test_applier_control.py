@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from test_applier_support import BLOCK, MemoryJournal, SourceVm, memory_applier, wait_until
 
-from datapath.journal import Batch, Record, RecordKind
-from services.applier.disks import BatchRefused
+from datapath.journal import Batch, Record, RecordKind, encode_batch
+from services.applier.disks import BatchRefused, TargetDisks
 from services.applier.state import ApplyIntent, Health, StateStore, VmState
 from services.applier.vm import PauseTimeout, VmApplier
 
@@ -244,3 +244,35 @@ async def test_batches_that_compress_to_nothing_are_held_by_their_decompressed_s
     assert peak <= 16 * MIB + 4 * MIB, "the batches read ahead exceeded the unit bound"
     assert applier.metrics.units.labels(vm=vm.vm_id)._value.get() >= 10
     assert image(disks[0]) == bytes(4 * MIB)
+
+
+async def test_a_redelivered_first_chunk_does_not_move_where_its_batch_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vm = SourceVm("vm-chunks", [MIB], seed=19)
+    disks = disks_of(tmp_path, vm)
+    batch = vm.batch([vm.write(0, 0, 8)])  # 32 KiB of data: three chunks of 16 KiB
+    first, second, third = encode_batch(batch, max_message_bytes=16 * 1024, compress=False)
+    journal = MemoryJournal()
+    # An at-least-once writer sent the first chunk again in the middle of the batch.
+    journal.messages = dict(enumerate([first, second, first, third]))
+    journal.end = 4
+    # The applier dies after its intent is durable, before the unit is applied.
+    crash = RuntimeError("killed")
+
+    def killed(*args: object) -> None:
+        raise crash
+
+    monkeypatch.setattr(TargetDisks, "apply", killed)
+    applier = memory_applier(vm, disks, journal, tmp_path / "state")
+    with pytest.raises(RuntimeError):
+        await asyncio.wait_for(applier.run(), 10)
+    monkeypatch.undo()
+    intent = StateStore(tmp_path / "state").load(vm.vm_id).intent
+    assert intent is not None and intent.start_offset == 0
+    # The restarted applier re-reads the unit from there and applies it.
+    applier = memory_applier(vm, disks, journal, tmp_path / "state")
+    async with running(applier):
+        await wait_until(lambda: applier.state.applied_seq == batch.last_seq, what="redone")
+        assert applier.state.health is Health.OK
+    assert image(disks[0]) == bytes(vm.model[0])

@@ -354,11 +354,15 @@ class VmApplier:
         self._read_offset = message.offset + 1
         try:
             header = peek_header(message.value)
-            if header.chunk_index == 0:
+            batch = self._assembler.add(message.value)
+            if header.chunk_index == 0 and (
+                batch is not None or self._assembler.pending_chunks == 1
+            ):
+                # A batch starts here. Not at a duplicate of a first chunk the assembler
+                # ignored: a redo from there would miss the chunks between.
                 self._chunk_start = message.offset
                 self._chunk_bytes = 0
             self._chunk_bytes += len(message.value)
-            batch = self._assembler.add(message.value)
         except ChunkOrderError as exc:
             # A writer that died mid-batch and re-sent it, or a lost chunk: if data is
             # really missing, the sequence check sees the gap.
