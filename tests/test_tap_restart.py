@@ -1,6 +1,7 @@
 """What a tap restart takes from the tap topic and from its state directory: numbers and
 epochs that never go back (guarantee 1), and a tap that starts and keeps trying whatever
-its state directory says (it serves every VM's guest).
+its state directory says (it serves every VM's guest); and a huge trim that does not
+hold up the other writes.
 
 The topic is in memory (tests/tap_helpers.HeldTopic): these are states the topic or the
 directory can be in (emptied by retention, restored from a backup, unwritable), which a
@@ -9,6 +10,7 @@ SIGKILL, are in tests/test_tap_crash.py."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -96,3 +98,35 @@ async def test_a_state_directory_that_refuses_a_new_epoch_is_tried_again(
         await tap.write(tap.disks[0], 0, memoryview(os.urandom(4096)), False)
         await wait_until(lambda: tap.last_seq_acked == tap.last_seq_assigned, what="acked")
     assert not refusals
+
+
+async def test_a_huge_trim_goes_in_pieces_that_let_other_writes_through(tmp_path: Path) -> None:
+    size = 1536 * MiB
+    source = tmp_path / "big.img"
+    with source.open("wb") as f:
+        f.truncate(size)
+    topic = HeldTopic()
+    async with held_tap(tmp_path, source, size, topic, activity_log_slots=4096) as tap:
+        disk = tap.disks[0]
+        trims: list[int] = []
+        real_trim = disk.backend.trim
+
+        def counting_trim(offset: int, length: int) -> None:
+            trims.append(length)
+            real_trim(offset, length)
+
+        disk.backend.trim = counting_trim  # type: ignore[method-assign]
+        done: list[str] = []
+
+        async def trim() -> None:
+            await tap.trim(disk, 0, size, False)
+            done.append("trim")
+
+        async def write() -> None:
+            await asyncio.sleep(0)
+            await tap.write(disk, size - 4096, memoryview(os.urandom(4096)), False)
+            done.append("write")
+
+        await asyncio.gather(trim(), write())
+    assert max(trims) <= 256 * MiB and sum(trims) == size
+    assert done == ["write", "trim"], "the write waited for the whole trim"

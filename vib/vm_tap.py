@@ -73,6 +73,7 @@ _TRIM = RecordKind.TRIM
 _FLUSH = RecordKind.FLUSH
 _MARKER = RecordKind.MARKER
 _HOUSEKEEPING_TICK_S = 0.25
+_MAX_RANGE_PIECE = 256 << 20
 
 
 class Mode(StrEnum):
@@ -210,8 +211,13 @@ class VmTap:
         # A frame (one Kafka message) must fit the topic's max.message.bytes; one record may
         # exceed the frame bound by its header: the bound leaves room.
         self._frame_max = min(settings.frame_max_bytes, vm.journal.max_message_bytes - (128 << 10))
-        # A zero/trim range is split so that one piece pins at most half the log's slots.
-        self._range_piece = max(1, settings.activity_log_slots // 2) * settings.extent_size
+        # A zero/trim range is split so that one piece pins at most half the log's slots,
+        # and is at most _MAX_RANGE_PIECE: each piece is applied on the event loop, which
+        # every VM's I/O shares (a block device without discard, or a file system that
+        # cannot zero a range, writes the zeros).
+        self._range_piece = min(
+            _MAX_RANGE_PIECE, max(1, settings.activity_log_slots // 2) * settings.extent_size
+        )
         self.stats = VmStats()
         self.epoch = 0
         self._next_seq = 1
@@ -635,6 +641,10 @@ class VmTap:
             if window is not None:
                 window.touch(index, pos, size)
             pos += size
+            if pos < end:
+                # Between pieces the other connections are served (each piece is applied
+                # and numbered in one stretch, so the order of overlapping writes holds).
+                await asyncio.sleep(0)
 
     async def flush(self, disk: TapDisk) -> None:
         """The guest's FLUSH: a FLUSH record in the sequence, then local durability."""
