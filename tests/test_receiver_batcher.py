@@ -286,16 +286,47 @@ def test_messages_fetched_before_a_seek_are_not_taken_twice() -> None:
     assert batcher.counters.stale_messages == 2
 
 
-def test_a_newer_epoch_reusing_sequence_numbers_is_reported_not_hidden() -> None:
+def test_a_newer_epoch_reusing_sequence_numbers_is_reported_and_leaves_a_hole() -> None:
     batcher = VmBatcher(VM, start_offset=0)
     batcher.add_message(0, encode_frame(VM, 3, [write(s) for s in range(1, 6)]), 0.0)
-    # The tap restarted (epoch 4) and numbered from 3 again: 3..5 were batched already.
-    batcher.add_message(1, encode_frame(VM, 4, [write(s) for s in range(3, 8)]), 0.0)
+    # The tap restarted (epoch 4) and numbered from 3 again: 3..5 were batched already,
+    # so epoch 4's writes 3..5 cannot travel. Batching its 6 right after epoch 3's 5
+    # would tell the applier nothing is missing: 6 is dropped too, and the batches go on
+    # past a hole the applier stops at (a full resync repairs it).
+    batcher.add_message(1, encode_frame(VM, 4, [write(s) for s in range(3, 9)]), 0.0)
     batcher.cut_due(1e9)
     outbox = batcher.take_outbox()
     assert outbox is not None
-    assert [(b.epoch, b.first_seq, b.last_seq) for b in outbox.batches] == [(3, 1, 5), (4, 6, 7)]
-    assert outbox.events == [SequenceRegression(VM, 4, 3, 3, 6, 1)]
+    assert [(b.epoch, b.first_seq, b.last_seq) for b in outbox.batches] == [(3, 1, 5), (4, 7, 8)]
+    assert outbox.events == [SequenceRegression(VM, 4, 3, 3, 6, 1), SequenceGap(VM, 4, 6, 6, 1)]
+    assert batcher.counters.regressed_records == 4
+
+
+def test_a_regression_in_a_later_epoch_is_reported_again() -> None:
+    batcher = VmBatcher(VM, start_offset=0)
+    batcher.add_message(0, encode_frame(VM, 1, [write(s) for s in range(1, 4)]), 0.0)
+    batcher.add_message(1, encode_frame(VM, 2, [write(1)]), 0.0)
+    batcher.add_message(2, encode_frame(VM, 3, [write(2)]), 0.0)
+    outbox = batcher.take_outbox()
+    assert outbox is not None
+    regressions = [e for e in outbox.events if isinstance(e, SequenceRegression)]
+    assert [e.epoch for e in regressions] == [2, 3]
+
+
+def test_records_missing_before_a_quarantined_range_are_reported_as_a_gap() -> None:
+    batcher = VmBatcher(VM, start_offset=0)
+    batcher.add_message(0, encode_frame(VM, 1, [write(1), write(2)]), 0.0)
+    bad = bytearray(encode_frame(VM, 1, [write(5), write(6)]))
+    bad[-3] ^= 0xFF  # its header stays readable: it says 5..6
+    batcher.add_message(1, bytes(bad), 0.0)
+    batcher.add_message(2, encode_frame(VM, 1, [write(7)]), 0.0)
+    outbox = batcher.take_outbox()
+    assert outbox is not None
+    gaps = [(e.first_seq, e.last_seq) for e in outbox.events if isinstance(e, SequenceGap)]
+    quarantined = [
+        (e.first_seq, e.last_seq) for e in outbox.events if isinstance(e, QuarantinedMessage)
+    ]
+    assert gaps == [(3, 4)] and quarantined == [(5, 6)]
 
 
 def test_an_older_epoch_read_again_is_a_plain_duplicate() -> None:

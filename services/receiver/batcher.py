@@ -174,6 +174,7 @@ class BatcherCounters:
     duplicates_skipped: int = 0
     gaps: int = 0
     regressions: int = 0
+    regressed_records: int = 0  # dropped: a newer epoch re-used their numbers
     quarantined: int = 0
     batches_cut: int = 0
 
@@ -200,7 +201,10 @@ class VmBatcher:
         # The epoch of the last record taken: a newer epoch re-using older numbers is a
         # regression, not a harmless re-read.
         self._taken_epoch = epoch
-        self._regression_reported = False
+        # The epoch whose regression was reported (once per epoch), and whether the
+        # batches still owe the applier the hole that makes it stop (see _regression).
+        self._regression_epoch: int | None = None
+        self._hole_owed = False
         self._consumed_through = start_offset
         self._pending: list[Record] = []
         self._pending_offset = start_offset
@@ -299,9 +303,18 @@ class VmBatcher:
                 assert self.epoch is not None
                 if self._taken_epoch is not None and self.epoch > self._taken_epoch:
                     self._regression(offset, rec, expected)
-                # Else already in an emitted batch: a message re-read after a crash or
-                # rebalance.
-                self.counters.duplicates_skipped += 1
+                    self.counters.regressed_records += 1
+                else:
+                    # Already in an emitted batch: a message re-read after a crash or
+                    # rebalance.
+                    self.counters.duplicates_skipped += 1
+                return
+            if rec.seq == expected and self._hole_owed:
+                # The first record after a regression's dropped ones is dropped too: the
+                # next batch then starts past a hole, which stops the applier until a
+                # full resync (the records dropped before it are lost to the target).
+                self._hole_owed = False
+                self.counters.regressed_records += 1
                 return
             if rec.seq > expected:
                 self._cut(complete=False)
@@ -320,7 +333,6 @@ class VmBatcher:
                 self._outbox.events.append(gap)
         self.next_seq = rec.seq + 1
         self._taken_epoch = self.epoch
-        self._regression_reported = False
         self.counters.records += 1
 
         closes_bracket = False
@@ -357,9 +369,15 @@ class VmBatcher:
             self._cut(complete=False)
 
     def _regression(self, offset: int, rec: Record, expected: int) -> None:
-        if self._regression_reported:
-            return
-        self._regression_reported = True
+        """A newer epoch numbers again what an older one numbered. Its records up to the
+        last number batched cannot travel (the target has those numbers), so the target
+        will lack them; batching its later records right after would tell the applier
+        nothing is missing. So a hole is left where they would join (see _add_record):
+        the applier stops there, as at any gap, until a full resync repairs it."""
+        self._hole_owed = True
+        if self._regression_epoch == self.epoch:
+            return  # reported for this epoch already
+        self._regression_epoch = self.epoch
         assert self.epoch is not None and self._taken_epoch is not None
         self.counters.regressions += 1
         self._outbox.events.append(
@@ -439,6 +457,13 @@ class VmBatcher:
             last_seq,
             exc,
         )
+        if first_seq is not None and self.next_seq is not None and first_seq > self.next_seq:
+            # Records before the quarantined range never arrived either: a gap of its own.
+            assert epoch is not None
+            self.counters.gaps += 1
+            self._outbox.events.append(
+                SequenceGap(self.vm_id, epoch, self.next_seq, first_seq - 1, offset)
+            )
         self._outbox.events.append(item)
         if last_seq is not None and (self.next_seq is None or last_seq >= self.next_seq):
             # The range is known and reported with the quarantine; do not report it again
