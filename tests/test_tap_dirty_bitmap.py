@@ -4,6 +4,7 @@ away is remembered, across a restart, until a resync has covered it."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -111,3 +112,61 @@ def test_a_new_bitmap_is_clean_and_says_so(tmp_path: Path) -> None:
     assert bitmap.created
     assert not bitmap.any()
     assert list(bitmap.runs()) == []
+
+
+class _Watched:
+    """The bitmap's mapping, checked after every change: the bits of `kept` never clear."""
+
+    def __init__(self, real: Any, bitmap: DirtyBitmap, kept: set[int]) -> None:
+        self.real, self.bitmap, self.kept = real, bitmap, kept
+
+    def __getitem__(self, key: Any) -> Any:
+        return self.real[key]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.real[key] = value
+        # What a SIGKILL at this moment would leave in the page cache.
+        assert self.kept <= regions_of(self.bitmap), "a bit that stays went through 0"
+
+    def flush(self) -> None:
+        self.real.flush()
+
+
+def test_a_resync_that_completes_never_clears_a_bit_that_stays_even_for_a_moment(
+    tmp_path: Path,
+) -> None:
+    bitmap = open_bitmap(tmp_path / "d.bitmap")
+    bitmap.mark(0, SIZE)
+    bitmap.snapshot()  # a resync of the whole disk starts
+    bitmap.mark(5 * GRAIN, 10)  # written again while the resync ran
+    bitmap.mark(30 * GRAIN, 3 * GRAIN)
+    kept = expected_regions([(5 * GRAIN, 10), (30 * GRAIN, 3 * GRAIN)])
+    real = bitmap._map
+    bitmap._map = _Watched(real, bitmap, kept)  # type: ignore[assignment]
+    bitmap.resynced()
+    bitmap._map = real
+    assert regions_of(bitmap) == kept
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_a_crash_while_a_bitmap_of_another_geometry_is_replaced_leaves_every_bit_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "d.bitmap"
+    old = open_bitmap(path)
+    old.mark(3 * GRAIN, 1)
+    old.close()
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise _Crash
+
+    # The disk grew: the file is rewritten, and the tap is killed while it marks.
+    monkeypatch.setattr(DirtyBitmap, "_set_bits", crash)
+    with pytest.raises(_Crash):
+        open_bitmap(path, size=SIZE * 2)
+    monkeypatch.undo()
+    reopened = open_bitmap(path, size=SIZE * 2)
+    assert regions_of(reopened) == expected_regions([(0, SIZE * 2)], size=SIZE * 2)

@@ -68,21 +68,27 @@ class DirtyBitmap:
             header = os.pread(fd, _HEADER.size, 0)
             existing = os.fstat(fd).st_size
             valid = existing >= HEADER_SIZE + self._nbytes and self._header_matches(header)
-            set_all = False
             if not valid:
-                set_all = existing > 0
                 self.created = existing == 0
+                # Header last: a crash before it leaves a file that is still invalid, so
+                # the next open marks everything again rather than trusting clean bits.
                 os.ftruncate(fd, 0)
                 os.ftruncate(fd, HEADER_SIZE + self._nbytes)
+                self._map = mmap.mmap(fd, HEADER_SIZE + self._nbytes)
+                if existing > 0:
+                    self._set_bits(self._map, 0, self.nbits)
+                    self._map.flush()
                 os.pwrite(fd, self._header(), 0)
-            self._map = mmap.mmap(fd, HEADER_SIZE + self._nbytes)
+                os.fsync(fd)
+            else:
+                self._map = mmap.mmap(fd, HEADER_SIZE + self._nbytes)
         except OSError as exc:
+            if self._map is not None:
+                self._map.close()
+                self._map = None
             os.close(fd)
             raise DirtyBitmapError(exc.errno, f"dirty bitmap {self.path}: {exc.strerror}") from exc
         self._fd = fd
-        if set_all:
-            self.mark(0, self.disk_size)
-            self.flush()
 
     def _header(self) -> bytes:
         body = _HEADER.pack(MAGIC, VERSION, self.granularity, self.disk_size, 0)
@@ -134,22 +140,25 @@ class DirtyBitmap:
         self._set_bits(mm, first, last + 1)
 
     @staticmethod
-    def _set_bits(mm: mmap.mmap, start: int, stop: int) -> None:
+    def _set_bits(
+        buf: mmap.mmap | bytearray, start: int, stop: int, base: int = HEADER_SIZE
+    ) -> None:
+        """Sets bits start..stop-1 of the bits at buf[base:]."""
         # Head and tail bytes bit by bit, whole bytes in between by slice assignment.
         head_byte = start >> 3
         tail_byte = stop >> 3
         if head_byte == tail_byte:
             mask = ((1 << (stop - start)) - 1) << (start & 7)
-            mm[HEADER_SIZE + head_byte] |= mask
+            buf[base + head_byte] |= mask
             return
         if start & 7:
-            mm[HEADER_SIZE + head_byte] |= (0xFF << (start & 7)) & 0xFF
+            buf[base + head_byte] |= (0xFF << (start & 7)) & 0xFF
             head_byte += 1
         if tail_byte > head_byte:
             ones = b"\xff" * (tail_byte - head_byte)
-            mm[HEADER_SIZE + head_byte : HEADER_SIZE + tail_byte] = ones
+            buf[base + head_byte : base + tail_byte] = ones
         if stop & 7:
-            mm[HEADER_SIZE + tail_byte] |= (1 << (stop & 7)) - 1
+            buf[base + tail_byte] |= (1 << (stop & 7)) - 1
 
     def mark_all(self) -> None:
         self.mark(0, self.disk_size)
@@ -183,16 +192,25 @@ class DirtyBitmap:
 
     def resynced(self) -> None:
         """The resync of the last snapshot completed: clears its bits and the transient
-        marks made meanwhile, keeping every other mark made since the snapshot."""
+        marks made meanwhile, keeping every other mark made since the snapshot.
+
+        Each byte goes straight from its old value to its new one: a bit kept never
+        passes through 0, so a SIGKILL (or a write-back of the pages) in the middle
+        leaves a superset of the new bits, never fewer."""
         remarks, self._since_snapshot = self._since_snapshot or [], None
+        kept = bytearray(self._nbytes)
+        shift = self._shift
+        for offset, length in remarks:
+            end = min(offset + length, self.disk_size)
+            if end > offset:
+                self._set_bits(kept, offset >> shift, ((end - 1) >> shift) + 1, base=0)
         mm = self._mm
         self._count = None
-        for start in range(HEADER_SIZE, HEADER_SIZE + self._nbytes, _SCAN):
-            stop = min(start + _SCAN, HEADER_SIZE + self._nbytes)
-            if mm[start:stop] != _ZEROS[: stop - start]:
-                mm[start:stop] = _ZEROS[: stop - start]
-        for offset, length in remarks:
-            self.mark(offset, length)
+        for start in range(0, self._nbytes, _SCAN):
+            stop = min(start + _SCAN, self._nbytes)
+            new = kept[start:stop]
+            if mm[HEADER_SIZE + start : HEADER_SIZE + stop] != new:
+                mm[HEADER_SIZE + start : HEADER_SIZE + stop] = new
 
     def any(self) -> bool:
         mm = self._mm
