@@ -6,8 +6,11 @@ Prints one JSON line:
 - 4 KiB random writes, queue depth 16: IOPS (goal >= 0.5x nbdkit);
 - 1 MiB sequential writes: MB/s (goal >= 0.8x nbdkit);
 - 4 KiB writes at queue depth 1: latency p50/p99 in microseconds;
-with the ratios tap/nbdkit, what the tap published (frames, bytes, records lost: 0), and
-what writing fresh page-cache pages costs on this machine (`bench/machine.py`).
+with the ratios tap/nbdkit, what the tap published (frames, the last sequence number,
+sessions lost, buffer overflows in all and per workload: a workload that overflows was
+partly tracked in the dirty bitmap rather than published, so its figure is partly that
+of a tap that does not replicate until it resyncs), and what writing fresh page-cache
+pages costs on this machine (`bench/machine.py`).
 
     .venv/bin/python bench/tap.py [--quick] [--bootstrap HOST:PORT] [--keep DIR]
 
@@ -102,20 +105,28 @@ def summarize(name: str, job: dict[str, Any]) -> dict[str, float]:
 
 
 def measure_both(
-    targets: dict[str, str], runtime: int, size: int, rounds: int, settle: Callable[[], object]
+    targets: dict[str, str],
+    runtime: int,
+    size: int,
+    rounds: int,
+    settle: Callable[[], dict[str, Any]],
+    overflows: dict[str, int],
 ) -> dict[str, dict[str, float]]:
     """Each workload on each target in turn, `rounds` times; the best round of each.
 
     Interleaving keeps both targets under the same background load (the machine may be
-    shared); `settle` runs before every tap run so that it starts caught up with Kafka
-    (no resync left over from the previous run)."""
+    shared); `settle` runs before every run, nbdkit's included, so that each starts with
+    the tap caught up with Kafka: no resync or drain left over from the run before
+    shares the cores with it."""
     best: dict[str, dict[str, float]] = {target: {} for target in targets}
     for _ in range(rounds):
         for name, workload in WORKLOADS.items():
             for target, uri in targets.items():
-                if target == "tap":
-                    settle()
+                before = settle()["overflows"]
                 job = fio(uri, runtime=runtime, size=size, **workload)
+                if target == "tap":
+                    after = settle()["overflows"]
+                    overflows[name] = overflows.get(name, 0) + after - before
                 for key, value in summarize(name, job).items():
                     lower_is_better = key.endswith("_us")
                     current = best[target].get(key)
@@ -251,12 +262,14 @@ def main() -> None:
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )
+            overflows: dict[str, int] = {}
             results = measure_both(
                 {"nbdkit_file": base_uri, "tap": uri},
                 runtime,
                 size,
                 rounds,
                 lambda: wait_for_mode(client, "live"),
+                overflows,
             )
             if profiler is not None:
                 profiler.wait()
@@ -286,6 +299,7 @@ def main() -> None:
                 "last_seq": status["last_seq_acknowledged"],
                 "outages": status["outages"],
                 "overflows": status["overflows"],
+                "overflows_by_workload": overflows,
                 # Writes that took the C write path (vib/_fast_writes.c).
                 "fast_writes": status["fast_writes"],
                 # Writes that waited for an activity log transaction (fdatasync).
