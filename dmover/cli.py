@@ -106,7 +106,7 @@ def local_run(directory: LocalDir = DEFAULT_LOCAL_DIR) -> None:
 
 
 @local_app.command("down")
-def local_down(directory: LocalDir = DEFAULT_LOCAL_DIR, timeout: float = 60.0) -> None:
+def local_down(directory: LocalDir = DEFAULT_LOCAL_DIR, timeout: float = 180.0) -> None:
     """Stop the local deployment started by `dmover local up`."""
     state = read_state(directory.resolve())
     pid = state.pids.get("supervisor") if state else None

@@ -220,7 +220,8 @@ def _verify(
     console: Console,
     figures: Figures,
 ) -> None:
-    response = http.post(f"{applier}/vms/{vm_id}/pause")
+    # The applier answers once the unit in progress is durable (up to its pause timeout).
+    response = http.post(f"{applier}/vms/{vm_id}/pause", timeout=90.0)
     if response.status_code >= 300:
         raise DemoError(f"pausing the applier failed: {response.text}")
     try:

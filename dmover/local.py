@@ -55,6 +55,9 @@ class ServiceProcess:
     http: str
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
+    # How long a SIGTERM is given before SIGKILL: the tap drains what it buffers to Kafka
+    # (up to 10 s, then its producer's timeout) so that its restart resyncs nothing.
+    stop_timeout: float = 20.0
 
     def start(self, env: dict[str, str]) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,9 +90,10 @@ class ServiceProcess:
             f"{self.name} not healthy after {timeout}s:\n{log_tail(self.log_path)}"
         )
 
-    def stop(self, timeout: float = 20.0) -> None:
+    def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return
+        timeout = self.stop_timeout
         self.process.send_signal(signal.SIGTERM)
         try:
             self.process.wait(timeout)
@@ -255,6 +259,7 @@ class LocalDeployment:
                 argv=[*dmover, name, *plan, "--host", "127.0.0.1", "--port", str(port), *extra],
                 http=f"http://127.0.0.1:{port}",
                 log_path=logs / f"{name}.log",
+                stop_timeout=60.0 if name == "tap" else 20.0,
             )
             for (name, extra), port in zip(specs, http_ports, strict=True)
         ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any
 
@@ -79,9 +78,12 @@ class Transceiver:
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # Every copier is closed, whatever one of their tasks ended with.
+        for task, outcome in zip(
+            tasks, await asyncio.gather(*tasks, return_exceptions=True), strict=True
+        ):
+            if isinstance(outcome, Exception):
+                log.error("%s ended with %r", task.get_name(), outcome)
         await asyncio.gather(*(copier.close() for copier in self._copiers.values()))
         log.info("transceiver %s stopped", self.settings.gateway_pair)
 
