@@ -338,3 +338,12 @@ def test_an_older_epoch_read_again_is_a_plain_duplicate() -> None:
     assert outbox is not None
     assert [(b.epoch, b.first_seq, b.last_seq) for b in outbox.batches] == [(4, 8, 9)]
     assert outbox.events == []
+
+
+def test_batches_of_zeros_count_as_queued_records_though_they_carry_no_data() -> None:
+    # What bounds reading while a transaction is slow: zeros and trims take memory too.
+    batcher = VmBatcher(VM, start_offset=0)
+    zeros = [Record(RecordKind.ZERO, seq, 0, seq * 4096, 4096, 1) for seq in range(1, 4)]
+    batcher.add_message(0, encode_frame(VM, 1, zeros), 0.0)
+    batcher.cut_due(1e9)
+    assert (batcher.queued_bytes, batcher.queued_records) == (0, 3)

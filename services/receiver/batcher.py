@@ -273,6 +273,12 @@ class VmBatcher:
         return sum(batch.data_bytes for batch in self._outbox.batches)
 
     @property
+    def queued_records(self) -> int:
+        """Records of the batches cut and waiting in the outbox (zeros, trims and markers
+        carry no data but take memory all the same)."""
+        return sum(len(batch.records) for batch in self._outbox.batches)
+
+    @property
     def has_outbox(self) -> bool:
         return bool(self._outbox)
 

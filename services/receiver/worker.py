@@ -186,6 +186,7 @@ class Receiver:
         self._joined = False
         self._stopping = False
         self._max_queued_bytes = 4 * settings.max_batch_bytes
+        self._max_queued_records = 4 * settings.max_batch_records
         self._last_loop_error: str | None = None
         self._next_lag_refresh = 0.0
 
@@ -484,7 +485,10 @@ class Receiver:
                 if not pipe.may_publish():
                     # The next publication takes everything cut meanwhile. Too much
                     # waiting already: stop reading until the one in flight is sent.
-                    if batcher.queued_bytes > self._max_queued_bytes and pipe.inflight:
+                    if pipe.inflight and (
+                        batcher.queued_bytes > self._max_queued_bytes
+                        or batcher.queued_records > self._max_queued_records
+                    ):
                         backlogged.append(pipe.inflight)
                     continue
                 outbox = batcher.take_outbox()
