@@ -12,9 +12,13 @@ kills a broker starts its own ``KafkaSite`` under ``tmp_path`` instead of touchi
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -108,3 +112,44 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPostgres
 def vm_id() -> str:
     """A VM id no other test uses, so tests sharing the session's sites never collide."""
     return f"vm-{uuid.uuid4().hex[:12]}"
+
+
+LoopDevices = Callable[[int], tuple[str, Path]]
+
+
+@pytest.fixture
+def loop_devices(tmp_path: Path) -> Iterator[LoopDevices]:
+    """`attach(size)`: a loop device over a new sparse file of `size` bytes in tmp_path,
+    (device, backing file), detached after the test.
+
+    Where the machine offers loop devices (root, /dev/loop-control), failing to set one
+    up fails the test: a block-device backend must not pass untested on CI. Elsewhere
+    (an unprivileged sandbox) the test is an expected failure, saying why."""
+    attached: list[str] = []
+
+    def attach(size: int) -> tuple[str, Path]:
+        backing = tmp_path / f"loop-backing-{len(attached)}.img"
+        with open(backing, "wb") as handle:
+            handle.truncate(size)
+        supported = os.geteuid() == 0 and os.path.exists("/dev/loop-control")
+        problem = None
+        if shutil.which("losetup") is None:
+            problem = "losetup is not installed"
+        else:
+            result = subprocess.run(
+                ["losetup", "--find", "--show", str(backing)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if result.returncode == 0:
+                attached.append(result.stdout.strip())
+                return attached[-1], backing
+            problem = f"losetup failed: {result.stderr.strip()}"
+        if supported:
+            pytest.fail(f"this machine offers loop devices, yet {problem}")
+        pytest.xfail(f"no block device can be tested here: {problem}")
+
+    yield attach
+    for device in attached:
+        subprocess.run(["losetup", "-d", device], check=False)

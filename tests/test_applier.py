@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from aiokafka.structs import TopicPartition
+from conftest import LoopDevices
 from test_applier_support import (
     BLOCK,
     JournalWriter,
@@ -494,23 +495,9 @@ async def test_qcow2_target_served_by_qemu_nbd(
 
 
 @pytest.fixture
-def loop_device(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+def loop_device(loop_devices: LoopDevices) -> tuple[str, Path]:
     """A loop device over an 8 MiB sparse file: (device, backing file)."""
-    backing = tmp_path / "loop-backing.img"
-    with open(backing, "wb") as handle:
-        handle.truncate(8 * MIB)
-    if shutil.which("losetup") is None:
-        pytest.xfail("losetup is not installed, so no block device can be tested here")
-    result = subprocess.run(
-        ["losetup", "--find", "--show", str(backing)], capture_output=True, text=True, check=False
-    )
-    if result.returncode != 0:
-        pytest.xfail(f"losetup is not permitted here: {result.stderr.strip()}")
-    device = result.stdout.strip()
-    try:
-        yield device, backing
-    finally:
-        subprocess.run(["losetup", "-d", device], check=False)
+    return loop_devices(8 * MIB)
 
 
 async def test_block_device_target(
@@ -557,12 +544,14 @@ async def test_crash_in_the_middle_of_a_unit_is_repaired_before_anything_else(
     vm = SourceVm(vm_id, sizes, seed=13, zero_fraction=0.2, trim_fraction=0.1)
     applied = [vm.batch(vm.ops(10)) for _ in range(2)]
     unit = [vm.batch(vm.ops(20)) for _ in range(3)]
+    later = vm.batch(vm.ops(10))  # in the journal after the unit
     async with JournalWriter(target_cluster, vm_id) as writer:
         await writer.send(*applied)
         async with running_applier(plan_path, state_dir) as worker:
             await wait_until(lambda: applied_seq(worker, vm_id) == applied[-1].last_seq, what="a")
             position = worker.vm(vm_id).state
         await writer.send(*unit)
+        await writer.send(later)
     start, end = await _batch_offsets(target_cluster, vm_id, position.next_offset, len(unit))
     # The crash: intent durable, part of the unit on disk, a torn write, no position.
     store = StateStore(state_dir)
@@ -583,6 +572,13 @@ async def test_crash_in_the_middle_of_a_unit_is_repaired_before_anything_else(
         targets.close()
     assert not holds_prefix_safe(vm, disks, unit[-1].last_seq)
     async with running_applier(plan_path, state_dir) as worker:
+        # A pause asked for at once is granted only on a repaired target: the unit
+        # redone whole, whatever came after it applied or not.
+        state = await worker.vm(vm_id).pause()
+        assert state.intent is None and state.applied_seq is not None
+        assert state.applied_seq >= unit[-1].last_seq
+        assert holds_prefix(consistent_prefixes(vm.log, disks), state.applied_seq)
+        await worker.vm(vm_id).resume()
         await wait_until(lambda: applied_seq(worker, vm_id) == vm.last_seq, what="redo")
         assert metric(worker, "datamover_applier_redo_total", vm=vm_id) == 1
         assert worker.vm(vm_id).state.intent is None

@@ -94,9 +94,14 @@ def intent_on_disk(state_dir: Path, vm_id: str) -> bool:
 
 
 async def produce(
-    writer: JournalWriter, vm: SourceVm, stop: asyncio.Event, rng: random.Random
+    writer: JournalWriter,
+    vm: SourceVm,
+    stop: asyncio.Event,
+    rng: random.Random,
+    brackets: list[tuple[int, int]],
 ) -> int:
-    """Bursts of batches, now and then a resync bracket, until told to stop."""
+    """Bursts of batches, now and then a resync bracket (its seq range added to
+    `brackets`), until told to stop."""
     bursts = 0
     resync_id = 0
     while not stop.is_set():
@@ -106,6 +111,7 @@ async def produce(
             batches = [vm.batch(vm.ops(6), resync_id=resync_id, starts=True)]
             batches += [vm.batch(vm.ops(6), resync_id=resync_id) for _ in range(2)]
             batches.append(vm.batch(vm.ops(6), resync_id=resync_id, completes=True))
+            brackets.append((batches[0].first_seq, batches[-1].last_seq))
             # A bracket spans transactions, as a long resync does.
             await writer.send(*batches[:2])
             await asyncio.sleep(0.1)
@@ -117,9 +123,15 @@ async def produce(
 
 
 async def check_paused_target(
-    client: httpx.AsyncClient, applier: ApplierProcess, vm: SourceVm, disks: list[Path]
+    client: httpx.AsyncClient,
+    applier: ApplierProcess,
+    vm: SourceVm,
+    disks: list[Path],
+    brackets: list[tuple[int, int]],
 ) -> int:
-    """Pause over HTTP; the target must hold exactly the prefix the applier reports."""
+    """Pause over HTTP; the target must hold exactly the prefix the applier reports, and
+    that prefix must not end inside a resync bracket (guarantee 4: a bracket is applied
+    whole; its records are ordinary writes here, so a prefix check alone would pass)."""
     response = await client.post(f"{applier.url}/vms/{vm.vm_id}/pause")
     assert response.status_code == 200, response.text
     status: dict[str, Any] = response.json()
@@ -127,6 +139,8 @@ async def check_paused_target(
     seq = status["applied_seq"]
     ranges = await asyncio.to_thread(consistent_prefixes, vm.log, disks)
     assert holds_prefix(ranges, seq), f"target holds prefixes {ranges}, applier says {seq}"
+    inside = [(first, last) for first, last in brackets if first <= seq < last]
+    assert not inside, f"applied seq {seq} ends inside the resync bracket {inside}"
     assert (await client.post(f"{applier.url}/vms/{vm.vm_id}/resume")).status_code == 200
     return int(seq)
 
@@ -146,17 +160,18 @@ async def test_sigkilled_applier_keeps_the_target_a_prefix_of_the_source(
     stop = asyncio.Event()
     killed_mid_unit = 0
     checked: list[int] = []
+    brackets: list[tuple[int, int]] = []
     async with (
         httpx.AsyncClient(timeout=60) as client,
         JournalWriter(target_cluster, vm_id, max_message_bytes=32 * 1024) as writer,
     ):
-        producer = asyncio.create_task(produce(writer, vm, stop, rng))
+        producer = asyncio.create_task(produce(writer, vm, stop, rng, brackets))
         try:
             for round_ in range(KILLS):
                 await applier.start(client)
                 if round_ % 2 == 0:
                     await asyncio.sleep(rng.uniform(0.05, 0.4))
-                    checked.append(await check_paused_target(client, applier, vm, disks))
+                    checked.append(await check_paused_target(client, applier, vm, disks, brackets))
                     await asyncio.sleep(rng.uniform(0.0, 0.4))
                 else:
                     # Aim at the middle of a unit: kill as soon as an intent is durable.
@@ -176,7 +191,7 @@ async def test_sigkilled_applier_keeps_the_target_a_prefix_of_the_source(
                 await asyncio.sleep(0.05)
             unknown = await client.post(f"{applier.url}/vms/no-such-vm/pause")
             assert unknown.status_code == 404 and "no-such-vm" in unknown.json()["detail"]
-            final = await check_paused_target(client, applier, vm, disks)
+            final = await check_paused_target(client, applier, vm, disks, brackets)
             assert final == vm.last_seq
             metrics = (await client.get(f"{applier.url}/metrics")).text
             newest_ts = (await client.get(f"{applier.url}/vms/{vm_id}")).json()["source_ts_ns"]
@@ -189,6 +204,7 @@ async def test_sigkilled_applier_keeps_the_target_a_prefix_of_the_source(
     assert checked == sorted(checked) and len(checked) == KILLS // 2
     # The kills did land in the middle of units, and each was redone on restart.
     assert killed_mid_unit >= 1
+    assert brackets, "no resync bracket was produced"
     # Drained: the RPO gauge is the age of the newest applied write (an upper bound).
     gauge = next(
         line

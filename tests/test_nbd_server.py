@@ -964,7 +964,27 @@ async def test_logging_of_violations_is_rate_limited(
         client.send(struct.pack(">I", 0xF0))
         await client.closed_by_server()
     warnings = [r for r in caplog.records if r.name.startswith("vib.nbd")]
-    assert len(warnings) <= 25
+    # The first 20 in the minute are logged, the other 40 only counted.
+    assert 20 <= len(warnings) <= 25
+
+
+def test_suppressed_messages_are_counted_in_the_next_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [0.0]
+    limited = RateLimitedLog(
+        logging.getLogger("test.ratelimit"), burst=2, interval=60, clock=lambda: now[0]
+    )
+    caplog.set_level(logging.WARNING, logger="test.ratelimit")
+    for index in range(5):
+        limited.warning("violation %d", index)
+    assert [r.getMessage() for r in caplog.records] == ["violation 0", "violation 1"]
+    now[0] = 61.0
+    limited.warning("violation 5")
+    assert [r.getMessage() for r in caplog.records][2:] == [
+        "3 similar messages suppressed in the last 61 s",
+        "violation 5",
+    ]
 
 
 class RecordingTransport(asyncio.Transport):

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import LoopDevices
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -136,21 +137,9 @@ def _sparse_file(path: Path, size: int = DISK_SIZE) -> Path:
 
 
 @pytest.fixture
-def loop_device(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """A loop device over a sparse file in tmp_path: (device path, backing file)."""
-    backing = _sparse_file(tmp_path / "loop-backing.img")
-    if shutil.which("losetup") is None:
-        pytest.xfail("losetup is not installed, so no block device can be tested here")
-    result = subprocess.run(
-        ["losetup", "--find", "--show", str(backing)], capture_output=True, text=True, check=False
-    )
-    if result.returncode != 0:
-        pytest.xfail(f"losetup is not permitted in this sandbox: {result.stderr.strip()}")
-    device = result.stdout.strip()
-    try:
-        yield device, backing
-    finally:
-        subprocess.run(["losetup", "-d", device], check=False)
+def loop_device(loop_devices: LoopDevices) -> tuple[str, Path]:
+    """A loop device over a sparse file of DISK_SIZE: (device path, backing file)."""
+    return loop_devices(DISK_SIZE)
 
 
 # nbdkit-4k: a server that refuses requests not aligned to 4 KiB (its minimum block size).

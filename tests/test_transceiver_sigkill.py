@@ -17,11 +17,13 @@ from replication_helpers import (
     create_topics,
     publish,
     read_batches,
+    read_topic,
     wait_for_batches,
     write_plan,
 )
 
 from datapath.kafka import KafkaClusterSettings
+from datapath.topics import Stream, topic_name
 
 KILLS_EACH = 10
 
@@ -98,6 +100,11 @@ async def test_sigkilled_receiver_and_transceiver_leave_no_gap_and_no_duplicate(
             assert [(b.first_seq, b.last_seq) for b in source] == [
                 (b.first_seq, b.last_seq) for b in target
             ]
+            # Message for message (the assembler would hide a chunk copied twice).
+            topic = topic_name(Stream.BATCH, vm)
+            assert await read_topic(target_cluster, topic) == await read_topic(
+                source_cluster, topic
+            )
         assert kills == {"receiver": KILLS_EACH, "transceiver": KILLS_EACH}
     except BaseException:
         print("--- receiver log ---\n" + receiver.log_tail(80))
