@@ -325,20 +325,20 @@ async def held_tap(
         disks=[Disk(name="d0", source=str(source), target="-", size=size)],
         journal=Journal(max_message_bytes=8 * MiB),
     )
-    settings = TapSettings(
-        plan=tmp_path / "plan.yaml",
-        state_dir=tmp_path / "state",
-        buffer_max_bytes=HELD_BUFFER,
-        frame_max_bytes=64 * 1024,
-        resync_chunk_bytes=64 * 1024,
-        linger_ms=1,
-        fast_writes=False,
-        heartbeat_interval_s=0,
-        writeback_interval_s=0,
-        retire_interval_s=100,
-        full_sync_on_first_protect=False,
-        **overrides,
-    )
+    values: dict[str, Any] = {
+        "plan": tmp_path / "plan.yaml",
+        "state_dir": tmp_path / "state",
+        "buffer_max_bytes": HELD_BUFFER,
+        "frame_max_bytes": 64 * 1024,
+        "resync_chunk_bytes": 64 * 1024,
+        "linger_ms": 1,
+        "fast_writes": False,
+        "heartbeat_interval_s": 0,
+        "writeback_interval_s": 0,
+        "retire_interval_s": 100,
+        "full_sync_on_first_protect": False,
+    }
+    settings = TapSettings(**(values | overrides))
     tap = VmTap(vm, settings, topic)
     await tap.start()
     try:

@@ -18,6 +18,8 @@ import pytest
 from tap_helpers import HeldTopic, MiB, held_tap, wait_until
 
 from datapath.journal import MarkerKind, decode_frame
+from datapath.storage import FileBackend
+from vib.replay import replay_frames
 from vib.tap_state import TapState
 from vib.vm_tap import Mode
 
@@ -130,3 +132,54 @@ async def test_a_huge_trim_goes_in_pieces_that_let_other_writes_through(tmp_path
         await asyncio.gather(trim(), write())
     assert max(trims) <= 256 * MiB and sum(trims) == size
     assert done == ["write", "trim"], "the write waited for the whole trim"
+
+
+async def test_a_write_that_failed_half_way_is_resynced_while_the_tap_is_live(
+    tmp_path: Path,
+) -> None:
+    source, topic = source_disk(tmp_path), HeldTopic()
+    async with held_tap(tmp_path, source, MiB, topic) as tap:
+        disk = tap.disks[0]
+        await tap.request_full_sync()  # the target starts equal to the source
+        await wait_until(lambda: not tap.dirty_bytes(), what="full sync")
+        real_write = disk.write
+
+        def half_then_fail(offset: int, data: memoryview, length: int) -> None:
+            real_write(offset, data[: length // 2], length // 2)
+            raise OSError(5, "Input/output error")
+
+        disk.write = half_then_fail  # type: ignore[method-assign]
+        with pytest.raises(OSError):
+            await tap.write(disk, 64 * 1024, memoryview(b"\xee" * 8192), False)
+        disk.write = real_write  # type: ignore[method-assign]
+        # The source changed although the guest got an error: the target must follow.
+        await wait_until(
+            lambda: not tap.dirty_bytes() and tap.last_seq_acked == tap.last_seq_assigned,
+            what="the resync of the failed write's region",
+        )
+    target = tmp_path / "target.img"
+    with FileBackend(target, create_size=MiB) as backend:
+        result = replay_frames([decode_frame(f) for f in topic.frames], [backend])
+    assert result.gapless and not result.open_resyncs
+    assert target.read_bytes() == source.read_bytes()
+
+
+async def test_a_write_back_error_fails_the_guests_next_flush(tmp_path: Path) -> None:
+    source, topic = source_disk(tmp_path), HeldTopic()
+    async with held_tap(tmp_path, source, MiB, topic, writeback_interval_s=0.05) as tap:
+        disk = tap.disks[0]
+        real_flush = disk.backend.flush
+        failures = [OSError(5, "Input/output error")]
+
+        def flush() -> None:
+            if failures:
+                raise failures.pop()
+            real_flush()
+
+        disk.backend.flush = flush  # type: ignore[method-assign]
+        await tap.write(disk, 0, memoryview(os.urandom(4096)), False)
+        await wait_until(lambda: not failures, what="the background write-back")
+        # The kernel told that fsync only; the guest's flush must hear it, once.
+        with pytest.raises(OSError):
+            await tap.flush(disk)
+        await tap.flush(disk)

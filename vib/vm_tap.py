@@ -106,7 +106,7 @@ class TopicConnector(Protocol):
 class TapDisk:
     """One protected disk of the VM: its source storage and its dirty bitmap."""
 
-    __slots__ = ("backend", "bitmap", "fast", "index", "name", "write")
+    __slots__ = ("backend", "bitmap", "fast", "flush_error", "index", "name", "write")
 
     def __init__(
         self,
@@ -123,6 +123,9 @@ class TapDisk:
         self.write = _direct_writer(backend)
         # The C write path (vib/_fast_writes.c), for a file or block device.
         self.fast = fast
+        # A write-back error the background flush met: the guest's next FLUSH or FUA
+        # write gets it (the kernel reports one to the first fsync only).
+        self.flush_error: OSError | None = None
 
 
 def _direct_writer(backend: StorageBackend) -> Callable[[int, memoryview, int], None]:
@@ -656,6 +659,11 @@ class VmTap:
 
     async def _make_durable(self, disk: TapDisk) -> None:
         await asyncio.to_thread(disk.backend.flush)
+        error, disk.flush_error = disk.flush_error, None
+        if error is not None:
+            # Written-back pages were lost since the last flush the guest asked for:
+            # its writes are not all durable, and it must hear so.
+            raise error
         if self._unflushed_min:
             await self._flush_bitmaps()
 
@@ -672,6 +680,12 @@ class VmTap:
             self._al.abort_write(disk.index, offset, length)
         self._gen += 1
         self._mark_dirty(disk, offset, length, self._gen)
+        session = self._session
+        task = self._resync_task
+        if session is not None and (task is None or task.done()):
+            # While publishing, nothing else would start a resync for it (a resync under
+            # way takes it on: marks made meanwhile survive it and start the next one).
+            self._start_resync(session)
 
     # -- publishing helpers (also used by the resync) -------------------------------------------
 
@@ -1104,9 +1118,14 @@ class VmTap:
                 try:
                     await asyncio.shield(flush)
                 except OSError as exc:
-                    # Only the pacing is lost: the kernel writes the pages back itself.
-                    log.warning(
-                        "VM %s: writing disk %s back failed: %s", self.vm_id, disk.name, exc
+                    # Pages the guest wrote did not reach the disk, and the kernel reports
+                    # that to one fsync only: this one. Kept for the guest's next flush.
+                    disk.flush_error = exc
+                    log.error(
+                        "VM %s: writing disk %s back failed (the guest's next flush will fail): %s",
+                        self.vm_id,
+                        disk.name,
+                        exc,
                     )
             stats.writebacks += 1
 
