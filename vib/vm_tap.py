@@ -273,6 +273,17 @@ class VmTap:
         try:
             for index, disk in enumerate(self.vm.disks):
                 backend = open_backend(disk.source, create_size=disk.size)
+                if disk.size is not None and backend.size > disk.size:
+                    # The guest may write the whole device; a target made at the plan's
+                    # size would refuse what lies past it, and replication would stop.
+                    log.warning(
+                        "VM %s: source %s holds %d bytes, more than the plan's size %d: "
+                        "set the disk's size in the plan to the device's",
+                        self.vm_id,
+                        disk.source,
+                        backend.size,
+                        disk.size,
+                    )
                 bitmap = DirtyBitmap(
                     state.bitmap_path(disk.name),
                     disk_size=backend.size,
