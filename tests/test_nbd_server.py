@@ -1091,7 +1091,7 @@ async def test_announced_payloads_take_buffers_only_within_the_budget(
     start_server: StartServer,
 ) -> None:
     export = MemoryExport(size=64 * MiB)
-    _, port = await start_server(
+    server, port = await start_server(
         {"mem": export}, default_export="mem", payload_budget_bytes=8 * MiB
     )
     clients = [await connected(port) for _ in range(8)]
@@ -1109,6 +1109,10 @@ async def test_announced_payloads_take_buffers_only_within_the_budget(
     clients[-1].send(payload[1:])
     error, _, _ = await clients[-1].simple_reply()
     assert error == 0 and export.data[: 32 * MiB] == payload
+    # The connection's buffer, grown to hold that payload, is not kept for its life.
+    clients[-1].request(p.CMD_READ, 0, 4096, cookie=2)
+    assert (await clients[-1].simple_reply(4096))[0] == 0
+    assert max(len(c._rbuf) for c in server._connections) <= 1024 * 1024
     for client in clients:
         await client.close()
 

@@ -347,3 +347,14 @@ def test_batches_of_zeros_count_as_queued_records_though_they_carry_no_data() ->
     batcher.add_message(0, encode_frame(VM, 1, zeros), 0.0)
     batcher.cut_due(1e9)
     assert (batcher.queued_bytes, batcher.queued_records) == (0, 3)
+
+
+def test_a_gap_after_a_regression_is_the_hole_and_nothing_more_is_dropped() -> None:
+    batcher = VmBatcher(VM, start_offset=0)
+    batcher.add_message(0, encode_frame(VM, 1, [write(s) for s in range(1, 6)]), 0.0)
+    # Epoch 2 numbers 3..4 again, then jumps to 8: the applier will stop at 6..7 already.
+    batcher.add_message(1, encode_frame(VM, 2, [write(3), write(4), write(8), write(9)]), 0.0)
+    batcher.cut_due(1e9)
+    outbox = batcher.take_outbox()
+    assert outbox is not None
+    assert [(b.epoch, b.first_seq, b.last_seq) for b in outbox.batches] == [(1, 1, 5), (2, 8, 9)]

@@ -770,3 +770,13 @@ def test_open_backend_picks_the_backend_from_the_spec(
             assert isinstance(disk, NbdBackend) and disk.size == MiB
         with pytest.raises(StorageError, match="smaller than the required"):
             open_backend(uri, create_size=2 * MiB)
+
+
+def test_a_larger_existing_file_is_refused_with_one_clear_message(tmp_path: Path) -> None:
+    path = tmp_path / "disk.img"
+    path.write_bytes(bytes(8192))
+    with pytest.raises(StorageError) as caught:
+        FileBackend(path, create_size=4096)
+    message = str(caught.value)
+    assert "larger than the requested 4096" in message
+    assert message.count(str(path)) == 1 and caught.value.operation == "open"

@@ -188,5 +188,10 @@ async def test_retirements_are_synced_before_they_could_wrap_the_ring(
     monkeypatch.setattr(activity_log.os, "fdatasync", counting_fdatasync)
     log.retire_idle()
     assert log.retire_idle() == hot
+    assert not syncs  # none on the event loop
+    await log.sync_retirements()  # what the tap's housekeeping does next
     assert syncs, "a ring's worth of retirements went unsynced"
+    syncs.clear()
+    await log.sync_retirements()
+    assert not syncs, "synced again with nothing new to sync"
     assert recovered(path, 2048) == set()

@@ -170,3 +170,12 @@ def test_a_crash_while_a_bitmap_of_another_geometry_is_replaced_leaves_every_bit
     monkeypatch.undo()
     reopened = open_bitmap(path, size=SIZE * 2)
     assert regions_of(reopened) == expected_regions([(0, SIZE * 2)], size=SIZE * 2)
+
+
+def test_an_existing_bitmap_file_left_empty_marks_everything(tmp_path: Path) -> None:
+    # What a crash while a bitmap file is being rewritten may leave: no header, no bits.
+    path = tmp_path / "d.bitmap"
+    path.write_bytes(b"")
+    bitmap = open_bitmap(path)
+    assert not bitmap.created
+    assert regions_of(bitmap) == expected_regions([(0, SIZE)])

@@ -48,7 +48,7 @@ CONTEXT_SLOTS = 256
 # slot's last update can be overwritten before its slice is written again, and a crash
 # then forgets the extent (its writes would never be resynced).
 MAX_SLOTS = RING_RECORDS * CONTEXT_SLOTS
-# Records written without fdatasync (retirements) in a row before one is synced: more
+# Records written without fdatasync (retirements) in a row before they are synced: more
 # than a ring's worth could leave, after a host crash, a disk image where none names an
 # extent still hot.
 _MAX_UNSYNCED = RING_RECORDS // 2
@@ -161,7 +161,7 @@ class ActivityLog:
         self._hot.clear()
         self._free = list(range(self.slots - 1, -1, -1))
         for _ in range(self._context_records()):
-            self._store_record(*self._encode_record([]), sync=False)
+            self._store_record(*self._encode_record([]))
         self._sync()
         self.recovered = []
 
@@ -323,7 +323,9 @@ class ActivityLog:
                 # Numbered and encoded here, on the loop (retire_idle writes records
                 # too); only the I/O runs in the thread.
                 record = self._encode_record(updates)
+                unsynced = self._unsynced
                 await asyncio.to_thread(self._store_record, *record, sync=True)
+                self._unsynced -= unsynced  # those written before it are synced with it
                 self.commits += 1
                 for key in batch:
                     slot = self._hot[key]
@@ -367,7 +369,8 @@ class ActivityLog:
         return len(candidates) >= wanted
 
     def retire_idle(self) -> int:
-        """Clears covered extents not written since the previous call (no fdatasync)."""
+        """Clears covered extents not written since the previous call (no fdatasync here:
+        `sync_retirements` syncs them, off the event loop, before they could fill the ring)."""
         covered = self._covered()
         previous_tick = self.tick
         self.tick += 1
@@ -388,9 +391,18 @@ class ActivityLog:
             self._free.append(slot.index)
             updates.append((slot.index, None))
         for start in range(0, len(updates), MAX_UPDATES):
-            record = self._encode_record(updates[start : start + MAX_UPDATES])
-            self._store_record(*record, sync=self._unsynced + 1 >= _MAX_UNSYNCED)
+            self._store_record(*self._encode_record(updates[start : start + MAX_UPDATES]))
+            self._unsynced += 1
         return len(victims)
+
+    async def sync_retirements(self) -> None:
+        """Once unsynced retirement records could make up half the ring, fdatasync them
+        (in a thread: the event loop serves every VM's I/O)."""
+        unsynced = self._unsynced
+        if unsynced < _MAX_UNSYNCED:
+            return
+        await asyncio.to_thread(self._sync)
+        self._unsynced -= unsynced
 
     # -- the file ------------------------------------------------------------------------
 
@@ -448,7 +460,7 @@ class ActivityLog:
         self._txn += 1
         return position, buf
 
-    def _store_record(self, position: int, buf: bytearray, *, sync: bool) -> None:
+    def _store_record(self, position: int, buf: bytearray, *, sync: bool = False) -> None:
         """Writes an encoded record (in a thread, or inline for the unsynced ones)."""
         try:
             os.pwrite(self._fd, buf, position * RECORD_SIZE)
@@ -456,7 +468,6 @@ class ActivityLog:
                 os.fdatasync(self._fd)
         except OSError as exc:
             raise ActivityLogError(exc.errno, f"activity log {self.path}: {exc.strerror}") from exc
-        self._unsynced = 0 if sync else self._unsynced + 1
 
     def _sync(self) -> None:
         try:

@@ -60,6 +60,7 @@ class DirtyBitmap:
         everything is the safe answer.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        preexisting = self.path.exists()
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
@@ -69,13 +70,17 @@ class DirtyBitmap:
             existing = os.fstat(fd).st_size
             valid = existing >= HEADER_SIZE + self._nbytes and self._header_matches(header)
             if not valid:
-                self.created = existing == 0
-                # Header last: a crash before it leaves a file that is still invalid, so
-                # the next open marks everything again rather than trusting clean bits.
-                os.ftruncate(fd, 0)
+                # A file that was there but is not valid (another geometry, torn, even
+                # empty) described regions it can no longer name: all of them are marked.
+                # Its header is invalidated first and written last, so a crash half-way
+                # leaves a file that is still invalid, never one of clean bits.
+                self.created = not preexisting
+                if preexisting:
+                    os.pwrite(fd, bytes(_HEADER.size), 0)
+                    os.fsync(fd)
                 os.ftruncate(fd, HEADER_SIZE + self._nbytes)
                 self._map = mmap.mmap(fd, HEADER_SIZE + self._nbytes)
-                if existing > 0:
+                if preexisting:
                     self._set_bits(self._map, 0, self.nbits)
                     self._map.flush()
                 os.pwrite(fd, self._header(), 0)

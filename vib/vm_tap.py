@@ -86,6 +86,10 @@ class AckOverdue(SessionFailed):
     """A frame stayed unacknowledged longer than outage_timeout_s."""
 
 
+class EpochNotSaved(Exception):
+    """A publishing session could not begin: its epoch could not be made durable."""
+
+
 class TopicSession(FrameSink, Protocol):
     last_seq: int
     last_epoch: int
@@ -693,7 +697,7 @@ class VmTap:
         self._mark_dirty(disk, offset, length, self._gen)
         session = self._session
         task = self._resync_task
-        if session is not None and (task is None or task.done()):
+        if session is not None and not self._stopping and (task is None or task.done()):
             # While publishing, nothing else would start a resync for it (a resync under
             # way takes it on: marks made meanwhile survive it and start the next one).
             self._start_resync(session)
@@ -924,9 +928,8 @@ class VmTap:
                     clean = True
                     return
                 clean = await self._publish(conn)
-            except OSError as exc:
-                # The state directory refused the new epoch: this session never began,
-                # and the next attempt may find room again.
+            except EpochNotSaved as exc:
+                # This session never began; the next attempt may find room again.
                 self.last_error = f"cannot start publishing: {exc}"
                 log.error("VM %s: %s", self.vm_id, self.last_error)
             finally:
@@ -943,7 +946,10 @@ class VmTap:
     async def _publish(self, conn: TopicSession) -> bool:
         """Publishes through `conn` until the session ends; True if it ended with
         everything acknowledged."""
-        epoch = self.state.next_epoch(after=conn.last_epoch)
+        try:
+            epoch = self.state.next_epoch(after=conn.last_epoch)
+        except OSError as exc:
+            raise EpochNotSaved(f"the state directory refused the new epoch: {exc}") from exc
         last = conn.last_seq
         if last < self._saved_seq:
             # Retention emptied the topic (or a stale frame is its last): numbers up to
@@ -1168,6 +1174,7 @@ class VmTap:
                         # activity log retire those extents.
                         await self._flush_bitmaps()
                     self._al.retire_idle()
+                    await self._al.sync_retirements()
                     if self._acked_seq != self._saved_seq:
                         self._saved_seq = self._acked_seq
                         # Off the event loop: on ext4 a rename over an existing file

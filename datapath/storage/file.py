@@ -58,12 +58,7 @@ class FileBackend(FdBackend):
         try:
             self._size = self._settle_size(create_size)
             if created:
-                # Data flushed into a file whose directory entry is not durable is lost
-                # with the file at a power cut, while the applier's state says applied.
-                fsync_directory(self.path.parent)
-        except OSError as exc:
-            self._abandon_open()
-            raise self.error("create", exc.strerror or str(exc), errno=exc.errno) from exc
+                self._make_entry_durable()
         except BaseException:
             self._abandon_open()
             raise
@@ -71,6 +66,14 @@ class FileBackend(FdBackend):
         # doomed system call afterwards.
         self._punch_supported = True
         self._zero_range_supported = True
+
+    def _make_entry_durable(self) -> None:
+        # Data flushed into a file whose directory entry is not durable is lost with the
+        # file at a power cut, while the applier's state says applied.
+        try:
+            fsync_directory(self.path.parent)
+        except OSError as exc:
+            raise self.error("create", exc.strerror or str(exc), errno=exc.errno) from exc
 
     def _settle_size(self, create_size: int | None) -> int:
         try:

@@ -311,9 +311,11 @@ class VmApplier:
                 await asyncio.wait_for(self._wake.wait(), self.tuning.end_offset_interval_s)
             except TimeoutError:
                 await self._refresh_end_offset(force=True)
-        await self._save(self.state.with_changes(paused=False))
-        self.metrics.paused.labels(vm=self.vm_id).set(0)
+        # Cleared before the state file says so: a pause asked for meanwhile waits for
+        # the loop to hold it again (and save it), never for a file that says unpaused.
         self._paused.clear()
+        self.metrics.paused.labels(vm=self.vm_id).set(0)
+        await self._save(self.state.with_changes(paused=False))
 
     def _reset_reading(self) -> None:
         self._pending.clear()

@@ -323,6 +323,7 @@ class VmBatcher:
                 self.counters.regressed_records += 1
                 return
             if rec.seq > expected:
+                self._hole_owed = False  # there is one now
                 self._cut(complete=False)
                 self.counters.gaps += 1
                 assert self.epoch is not None
@@ -473,5 +474,7 @@ class VmBatcher:
         self._outbox.events.append(item)
         if last_seq is not None and (self.next_seq is None or last_seq >= self.next_seq):
             # The range is known and reported with the quarantine; do not report it again
-            # as a gap when the next good message arrives.
+            # as a gap when the next good message arrives. Its records never travel: the
+            # applier stops at the hole they leave (so none is owed after a regression).
             self.next_seq = last_seq + 1
+            self._hole_owed = False

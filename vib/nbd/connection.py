@@ -181,6 +181,11 @@ class NbdConnection(asyncio.BufferedProtocol):
         start, end = self._rstart, self._rend
         if start == end:
             self._rstart = self._rend = start = end = 0
+            if len(self._rbuf) > _RECEIVE_BUFFER:
+                # Grown for a payload received here (past the payload budget): not kept
+                # for the life of the connection.
+                self._rbuf = bytearray(_RECEIVE_BUFFER)
+                self._rview = memoryview(self._rbuf)
         if len(self._rbuf) - end < _MIN_RECEIVE:
             # Move the unparsed tail (a partial request, normally small) to the front,
             # and grow only if that is not enough (input held back by a pause).
