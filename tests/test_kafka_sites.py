@@ -293,10 +293,10 @@ async def test_segment_indexes_are_small_and_never_roll_a_segment_early(
     topic = f"dm.test.index.{random.randrange(1 << 30)}"
     async with Admin(source_cluster) as admin:
         await admin.create_topics([TopicSpec(topic, 1, 1, {"max.message.bytes": str(2 * MiB)})])
-    # Records of 4 KiB and a little more: each one gets an index entry, the most a
-    # segment can have, until the segment rolls at its size.
+    # Records of 4 KiB and a little more, each in a batch of its own: each batch gets an
+    # index entry, the most a segment can have, until the segment rolls at its size.
     record = os.urandom(4096 + 100)
-    async with Producer(source_cluster, linger_ms=0) as producer:
+    async with Producer(source_cluster, linger_ms=0, max_batch_size=len(record)) as producer:
         count = segment_bytes // len(record) + 200
         for start in range(0, count, 500):
             await asyncio.gather(
