@@ -32,6 +32,7 @@ from datapath.kafka import (
     TopicExists,
     TransactionalProducer,
     UnknownTopic,
+    backoff_delay,
     retrying,
     translate,
 )
@@ -254,6 +255,23 @@ async def test_retrying_gives_up_on_an_unreachable_cluster_after_counting_its_re
         await retrying(list_topics, what="list_topics", attempts=3, backoff=0.01, metrics=metrics)
     assert metrics.retries_of("list_topics") == 2
     assert isinstance(failure.value.__cause__, driver.KafkaConnectionError)
+
+
+def test_the_retry_wait_doubles_up_to_its_bound_for_any_number_of_attempts() -> None:
+    assert [backoff_delay(0.5, attempt) for attempt in range(1, 8)] == [
+        0.5,
+        1.0,
+        2.0,
+        4.0,
+        8.0,
+        16.0,
+        30.0,
+    ]
+    # A VM that fails to open for days: thousands of attempts, still the bound.
+    assert backoff_delay(0.5, 100_000) == 30.0
+    assert backoff_delay(0.001, 100_000, maximum=2.0) == 2.0
+    # A base above the bound is not cut down to it.
+    assert backoff_delay(60.0, 3) == 60.0
 
 
 # --- settings -----------------------------------------------------------------------------

@@ -52,7 +52,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from datapath.journal import MarkerKind, RecordKind
-from datapath.kafka import KafkaError
+from datapath.kafka import KafkaError, backoff_delay
 from datapath.protection import ProtectedVM
 from datapath.storage import StorageBackend, StorageError, open_backend
 from datapath.storage.fd import FdBackend
@@ -180,10 +180,6 @@ class VmStats:
     def changed_bytes(self) -> int:
         """Bytes of disk given new contents (written or zeroed) since the start."""
         return self.write_bytes + self.zero_bytes
-
-
-def _backoff(interval: float, failures: int) -> float:
-    return float(min(interval * 2 ** min(failures - 1, 10), max(interval, 30.0)))
 
 
 class VmTap:
@@ -919,7 +915,7 @@ class VmTap:
                 self.last_error = f"cannot reach the tap topic: {exc}"
                 level = logging.WARNING if failures == 1 or failures % 30 == 0 else logging.DEBUG
                 log.log(level, "VM %s: %s (attempt %d)", self.vm_id, self.last_error, failures)
-                await asyncio.sleep(_backoff(interval, failures))
+                await asyncio.sleep(backoff_delay(interval, failures))
                 continue
             started = time.monotonic()
             clean = False
@@ -941,7 +937,7 @@ class VmTap:
                     await conn.abort()
             failures = failures + 1 if time.monotonic() - started < 60 else 0
             if not self._stopping:
-                await asyncio.sleep(_backoff(interval, max(failures, 1)))
+                await asyncio.sleep(backoff_delay(interval, failures))
 
     async def _publish(self, conn: TopicSession) -> bool:
         """Publishes through `conn` until the session ends; True if it ended with

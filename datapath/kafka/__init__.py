@@ -19,6 +19,7 @@ from datapath.kafka.errors import (
     ProducerFenced,
     TopicExists,
     UnknownTopic,
+    backoff_delay,
     retrying,
     translate,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "TopicExists",
     "TransactionalProducer",
     "UnknownTopic",
+    "backoff_delay",
     "retrying",
     "translate",
     "within",

@@ -191,6 +191,13 @@ class KafkaMetrics:
         return float(value)
 
 
+def backoff_delay(base: float, attempt: int, maximum: float = 30.0) -> float:
+    """The wait before retrying after failed attempt number `attempt` (1, 2, ...): `base`
+    seconds, doubling with each attempt, never above `maximum` (nor below `base`). Any
+    number of attempts: a VM that keeps failing for days must not overflow the wait."""
+    return min(base * 2.0 ** min(max(attempt - 1, 0), 64), max(base, maximum))
+
+
 async def retrying(
     op: Callable[[], Awaitable[T]],
     *,
@@ -210,7 +217,6 @@ async def retrying(
     """
     if attempts < 1:
         raise ValueError(f"attempts must be >= 1, not {attempts}")
-    delay = backoff
     for attempt in range(1, attempts + 1):
         try:
             return await op()
@@ -221,6 +227,7 @@ async def retrying(
                     raise
                 raise error from exc
             metrics.retries.labels(operation=what).inc()
+            delay = backoff_delay(backoff, attempt, max_backoff)
             log.warning(
                 "%s failed (attempt %d of %d), retrying in %.1fs: %s",
                 what,
@@ -230,5 +237,4 @@ async def retrying(
                 error,
             )
         await asyncio.sleep(delay)
-        delay = min(delay * 2, max_backoff)
     raise AssertionError("unreachable")

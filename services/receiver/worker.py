@@ -48,6 +48,7 @@ from datapath.kafka import (
     KafkaUnavailable,
     ProducerFenced,
     TransactionalProducer,
+    backoff_delay,
     within,
 )
 from datapath.protection import ProtectedVM, ProtectionPlan, load_protection_plan
@@ -70,8 +71,6 @@ _WAITING_OUTBOX_POLL_MS = 5
 # The loop's longest wait for tap messages (due batches wake it up sooner): how soon it
 # retries opening a VM or refreshes lag once nothing arrives.
 _IDLE_POLL_MS = 100
-# The longest wait before a VM that could not be opened is tried again.
-_MAX_REOPEN_BACKOFF_S = 30.0
 
 
 @dataclass(slots=True)
@@ -375,10 +374,8 @@ class Receiver:
     async def _open_failed(self, pipe: VmPipeline, exc: KafkaError) -> None:
         """The loop opens the VM again after kafka_retry_backoff_s, doubling (up to 30 s)
         while it keeps failing; each failure schedules one retry, counted."""
-        delay = min(
-            self.settings.kafka_retry_backoff_s * 2**pipe.open_failures, _MAX_REOPEN_BACKOFF_S
-        )
         pipe.open_failures += 1
+        delay = backoff_delay(self.settings.kafka_retry_backoff_s, pipe.open_failures)
         pipe.last_error = f"opening failed: {exc}"
         pipe.retry_at = time.monotonic() + delay
         self.metrics.errors.labels(kind="open").inc()
