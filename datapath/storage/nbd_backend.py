@@ -146,20 +146,30 @@ class NbdBackend(StorageBackend):
         except self._nbd.Error as exc:
             raise self._nbd_error("write", exc, offset + pos, total - pos) from exc
 
+    def _block_pieces(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
+        """offset..offset+length cut at block boundaries, as (start, end, whole): the
+        partial block at either end, and the whole blocks between them."""
+        block = self._block
+        end = offset + length
+        head_end = min(end, -(-offset // block) * block)
+        tail_start = max(head_end, end - end % block)
+        if head_end > offset:
+            yield offset, head_end, False
+        if tail_start > head_end:
+            yield head_end, tail_start, True
+        if end > tail_start:
+            yield tail_start, end, False
+
     def _write_unaligned(self, offset: int, data: memoryview) -> None:
         """The partial blocks at either end are read, patched and written back whole
         (under the handle's lock: no other thread's write lands in between); the whole
         blocks between them are written as they are."""
-        block = self._block
-        end = offset + len(data)
-        head_end = min(end, offset - offset % block + block) if offset % block else offset
-        tail_start = max(head_end, end - end % block)
-        if head_end > offset:
-            self._patch_block(offset, data[: head_end - offset])
-        if tail_start > head_end:
-            self._write(head_end, data[head_end - offset : tail_start - offset])
-        if end > tail_start:
-            self._patch_block(tail_start, data[tail_start - offset :])
+        for start, end, whole in self._block_pieces(offset, len(data)):
+            piece = data[start - offset : end - offset]
+            if whole:
+                self._write(start, piece)
+            else:
+                self._patch_block(start, piece)
 
     def _patch_block(self, offset: int, data: memoryview) -> None:
         """Writes `data`, which lies within one block, by rewriting that block."""
@@ -174,20 +184,12 @@ class NbdBackend(StorageBackend):
 
     def _write_zeroes(self, offset: int, length: int, punch_hole: bool) -> None:
         if self._unaligned(offset, length):
-            # Zeros written into the partial blocks at the ends, the rest zeroed.
-            start, span = self._widened(offset, length)
-            first_whole = start if start == offset else start + self._block
-            last_whole = (
-                start + span if start + span == offset + length else start + span - self._block
-            )
-            if last_whole <= first_whole:
-                self._write_zeros_by_data(offset, length)
-                return
-            if first_whole > offset:
-                self._write_zeros_by_data(offset, first_whole - offset)
-            self._write_zeroes(first_whole, last_whole - first_whole, punch_hole)
-            if offset + length > last_whole:
-                self._write_zeros_by_data(last_whole, offset + length - last_whole)
+            # Zeros written into the partial blocks at the ends, the whole ones zeroed.
+            for start, end, whole in self._block_pieces(offset, length):
+                if whole:
+                    self._write_zeroes(start, end - start, punch_hole)
+                else:
+                    self._write_zeros_by_data(start, end - start)
             return
         if not self.can_zero:
             self._write_zeros_by_data(offset, length)
