@@ -301,7 +301,6 @@ class VmApplier:
         self._paused.set()
         self.metrics.paused.labels(vm=self.vm_id).set(1)
         while self._pause_requested:
-            self._paused.set()
             if not self._pending and self._bracket is None:
                 # Read ahead (without applying) so the RPO stays measured while paused.
                 await self._fill()
