@@ -30,7 +30,7 @@ from datapath.protection import (
     dump_protection_plan,
 )
 from datapath.storage import FileBackend
-from vib.replay import ReplayResult, replay_tap_topic
+from vib.replay import ReplayResult, replay_frames, replay_tap_topic
 from vib.settings import TapSettings
 from vib.tap_worker import TapWorker
 from vib.vm_tap import Mode, VmTap
@@ -293,6 +293,12 @@ class HeldTopic:
         last = decode_frame(self.frames[-1])
         return _HeldSession(self, last.records[-1].seq, last.epoch)
 
+    def replay_onto(self, target: Path, size: int) -> ReplayResult:
+        """Applies the frames received to a new file of `size` bytes, as the target
+        site would."""
+        with FileBackend(target, create_size=size) as backend:
+            return replay_frames([decode_frame(f) for f in self.frames], [backend])
+
 
 class _HeldSession:
     def __init__(self, topic: HeldTopic, last_seq: int, last_epoch: int) -> None:
@@ -312,6 +318,13 @@ class _HeldSession:
 
     async def abort(self) -> None:
         pass
+
+
+def source_disk(tmp_path: Path, content: bytes) -> Path:
+    """A source disk image in tmp_path holding `content`."""
+    path = tmp_path / "source.img"
+    path.write_bytes(content)
+    return path
 
 
 @contextlib.asynccontextmanager

@@ -128,17 +128,7 @@ async def test_a_bracket_batch_the_disks_refuse_is_refused_before_any_write(
     last = rest[-1]
     # The bracket's last batch names a second disk, which the plan does not have.
     stray = Record(RecordKind.SYNC_BLOCK, last.first_seq, 1, 0, BLOCK, last.min_ts_ns, b"x" * BLOCK)
-    rest[-1] = Batch(
-        vm_id=last.vm_id,
-        epoch=last.epoch,
-        first_seq=last.first_seq,
-        last_seq=last.last_seq,
-        min_ts_ns=last.min_ts_ns,
-        max_ts_ns=last.max_ts_ns,
-        records=[stray, *last.records],
-        resync_id=last.resync_id,
-        resync_complete=True,
-    )
+    rest[-1] = dataclasses.replace(last, records=[stray, *last.records])
     journal = MemoryJournal()
     journal.append(first, *rest)
     applier = memory_applier(vm, disks, journal, tmp_path / "state")
@@ -204,11 +194,8 @@ async def test_the_rpo_of_a_target_stuck_before_its_first_write_grows(tmp_path: 
     ten_minutes_ago = time.time_ns() - 600 * 1_000_000_000
     journal = MemoryJournal()
     journal.append(
-        Batch(
-            vm_id=late.vm_id,
-            epoch=late.epoch,
-            first_seq=late.first_seq,
-            last_seq=late.last_seq,
+        dataclasses.replace(
+            late,
             min_ts_ns=ten_minutes_ago,
             max_ts_ns=ten_minutes_ago,
             records=[dataclasses.replace(r, ts_ns=ten_minutes_ago) for r in late.records],

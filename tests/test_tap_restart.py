@@ -15,19 +15,11 @@ import os
 from pathlib import Path
 
 import pytest
-from tap_helpers import HeldTopic, MiB, held_tap, wait_until
+from tap_helpers import HeldTopic, MiB, held_tap, source_disk, wait_until
 
 from datapath.journal import MarkerKind, decode_frame
-from datapath.storage import FileBackend
-from vib.replay import replay_frames
 from vib.tap_state import TapState
 from vib.vm_tap import Mode
-
-
-def source_disk(tmp_path: Path) -> Path:
-    path = tmp_path / "source.img"
-    path.write_bytes(os.urandom(MiB))
-    return path
 
 
 def epoch_starts(topic: HeldTopic) -> list[tuple[int, int]]:
@@ -52,7 +44,7 @@ async def write_some(tmp_path: Path, source: Path, topic: HeldTopic, count: int)
 async def test_a_topic_emptied_by_retention_goes_on_after_the_last_number_given(
     tmp_path: Path,
 ) -> None:
-    source, topic = source_disk(tmp_path), HeldTopic()
+    source, topic = source_disk(tmp_path, os.urandom(MiB)), HeldTopic()
     last = await write_some(tmp_path, source, topic, 5)
     assert TapState(tmp_path / "state" / "vm-held").last_seq == last  # saved by the stop
     topic.frames.clear()  # retention: the topic holds no frame any more
@@ -61,7 +53,7 @@ async def test_a_topic_emptied_by_retention_goes_on_after_the_last_number_given(
 
 
 async def test_a_new_epoch_is_above_the_last_one_in_the_topic(tmp_path: Path) -> None:
-    source, topic = source_disk(tmp_path), HeldTopic()
+    source, topic = source_disk(tmp_path, os.urandom(MiB)), HeldTopic()
     await write_some(tmp_path, source, topic, 1)
     await write_some(tmp_path, source, topic, 1)
     (_, first), (_, second) = epoch_starts(topic)
@@ -75,7 +67,7 @@ async def test_a_new_epoch_is_above_the_last_one_in_the_topic(tmp_path: Path) ->
 async def test_an_unreadable_saved_number_does_not_keep_the_tap_from_starting(
     tmp_path: Path,
 ) -> None:
-    source, topic = source_disk(tmp_path), HeldTopic()
+    source, topic = source_disk(tmp_path, os.urandom(MiB)), HeldTopic()
     last = await write_some(tmp_path, source, topic, 2)
     (tmp_path / "state" / "vm-held" / "last_seq").write_text("")  # torn by a power cut
     await write_some(tmp_path, source, topic, 1)
@@ -85,7 +77,7 @@ async def test_an_unreadable_saved_number_does_not_keep_the_tap_from_starting(
 async def test_a_state_directory_that_refuses_a_new_epoch_is_tried_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    source, topic = source_disk(tmp_path), HeldTopic()
+    source, topic = source_disk(tmp_path, os.urandom(MiB)), HeldTopic()
     real_next_epoch = TapState.next_epoch
     refusals = [OSError(28, "No space left on device")]
 
@@ -137,7 +129,7 @@ async def test_a_huge_trim_goes_in_pieces_that_let_other_writes_through(tmp_path
 async def test_a_write_that_failed_half_way_is_resynced_while_the_tap_is_live(
     tmp_path: Path,
 ) -> None:
-    source, topic = source_disk(tmp_path), HeldTopic()
+    source, topic = source_disk(tmp_path, os.urandom(MiB)), HeldTopic()
     async with held_tap(tmp_path, source, MiB, topic) as tap:
         disk = tap.disks[0]
         await tap.request_full_sync()  # the target starts equal to the source
@@ -157,15 +149,13 @@ async def test_a_write_that_failed_half_way_is_resynced_while_the_tap_is_live(
             lambda: not tap.dirty_bytes() and tap.last_seq_acked == tap.last_seq_assigned,
             what="the resync of the failed write's region",
         )
-    target = tmp_path / "target.img"
-    with FileBackend(target, create_size=MiB) as backend:
-        result = replay_frames([decode_frame(f) for f in topic.frames], [backend])
+    result = topic.replay_onto(tmp_path / "target.img", MiB)
     assert result.gapless and not result.open_resyncs
-    assert target.read_bytes() == source.read_bytes()
+    assert (tmp_path / "target.img").read_bytes() == source.read_bytes()
 
 
 async def test_a_write_back_error_fails_the_guests_next_flush(tmp_path: Path) -> None:
-    source, topic = source_disk(tmp_path), HeldTopic()
+    source, topic = source_disk(tmp_path, os.urandom(MiB)), HeldTopic()
     async with held_tap(tmp_path, source, MiB, topic, writeback_interval_s=0.05) as tap:
         disk = tap.disks[0]
         real_flush = disk.backend.flush

@@ -13,20 +13,11 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
-from typing import Any
 
-from tap_helpers import HELD_BUFFER, HeldTopic, MiB, held_tap, wait_until
+from tap_helpers import HELD_BUFFER, HeldTopic, MiB, held_tap, source_disk, wait_until
 
 from datapath.journal import RECORD_HEADER_SIZE, MarkerKind, RecordKind, decode_frame
-from datapath.storage import FileBackend
-from vib.replay import replay_frames
 from vib.vm_tap import Mode, TapDisk, VmTap
-
-
-def source_disk(tmp_path: Path, content: bytes) -> Path:
-    path = tmp_path / "source.img"
-    path.write_bytes(content)
-    return path
 
 
 async def fill_to_just_below(tap: VmTap, disk: TapDisk, offset: int, room: int) -> list[int]:
@@ -57,13 +48,6 @@ async def settle(tap: VmTap, topic: HeldTopic) -> None:
         ),
         what="drained, resynced and live",
     )
-
-
-def replayed(tmp_path: Path, topic: HeldTopic, size: int) -> tuple[bytes, Any]:
-    target = tmp_path / "target.img"
-    with FileBackend(target, create_size=size) as backend:
-        result = replay_frames([decode_frame(f) for f in topic.frames], [backend])
-    return target.read_bytes(), result
 
 
 def resync_records_outside_brackets(topic: HeldTopic) -> list[int]:
@@ -101,9 +85,9 @@ async def test_a_resync_start_that_fills_the_buffer_loses_no_acknowledged_write(
         # A guest write while the session drains: only the bitmap names it.
         await tap.write(disk, 0, memoryview(b"w" * 4096), False)
         await settle(tap, topic)
-        image, result = replayed(tmp_path, topic, 4 * MiB)
+        result = topic.replay_onto(tmp_path / "target.img", 4 * MiB)
     assert result.gapless and not result.open_resyncs
-    assert image == source.read_bytes()
+    assert (tmp_path / "target.img").read_bytes() == source.read_bytes()
     assert resync_records_outside_brackets(topic) == []
 
 
@@ -137,7 +121,7 @@ async def test_a_resync_chunk_that_fills_the_buffer_stops_at_the_record_that_did
         await wait_until(lambda: tap.mode is Mode.TRACKING, what="the resync's overflow")
         assert tap.stats.overflows == 1 and tap.stats.outages == 0
         await settle(tap, topic)
-        image, result = replayed(tmp_path, topic, len(pattern) * 32)
+        result = topic.replay_onto(tmp_path / "target.img", len(pattern) * 32)
     assert result.gapless and not result.open_resyncs
     assert resync_records_outside_brackets(topic) == []
-    assert image == source.read_bytes()
+    assert (tmp_path / "target.img").read_bytes() == source.read_bytes()

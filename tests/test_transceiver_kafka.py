@@ -8,7 +8,7 @@ import os
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from replication_helpers import (
     wait_for_batches,
     write_plan,
 )
+from tap_helpers import wait_until
 
 from datapath.kafka import Admin, KafkaClusterSettings, KafkaError, Producer
 from datapath.localsite import KafkaSite
@@ -38,6 +39,15 @@ from services.transceiver.worker import Transceiver
 
 def new_vms(count: int) -> list[str]:
     return [f"tx-{uuid.uuid4().hex[:10]}" for _ in range(count)]
+
+
+async def one_vm(
+    source: KafkaClusterSettings, target: KafkaClusterSettings, tmp_path: Path
+) -> tuple[str, Path]:
+    """A new VM with its topics on both sites, and a plan protecting it alone."""
+    (vm,) = new_vms(1)
+    await asyncio.gather(create_topics(source, [vm]), create_topics(target, [vm]))
+    return vm, write_plan(tmp_path / "plan.yaml", source, target, [vm])
 
 
 @asynccontextmanager
@@ -103,9 +113,7 @@ async def test_tap_frames_reach_the_target_once_in_order_for_three_vms(
 async def test_a_message_without_a_value_is_copied_as_it_is_and_copying_goes_on(
     source_cluster: KafkaClusterSettings, target_cluster: KafkaClusterSettings, tmp_path: Path
 ) -> None:
-    (vm,) = new_vms(1)
-    await asyncio.gather(create_topics(source_cluster, [vm]), create_topics(target_cluster, [vm]))
-    plan = write_plan(tmp_path / "plan.yaml", source_cluster, target_cluster, [vm])
+    vm, plan = await one_vm(source_cluster, target_cluster, tmp_path)
     stream = TapStream(vm, random.Random(8))
     async with running(plan) as transceiver:
         await publish(source_cluster, vm, [stream.frame(10)])
@@ -122,9 +130,7 @@ async def test_a_message_without_a_value_is_copied_as_it_is_and_copying_goes_on(
 async def test_records_retention_removes_before_they_are_copied_are_counted_as_lost(
     source_cluster: KafkaClusterSettings, target_cluster: KafkaClusterSettings, tmp_path: Path
 ) -> None:
-    (vm,) = new_vms(1)
-    await asyncio.gather(create_topics(source_cluster, [vm]), create_topics(target_cluster, [vm]))
-    plan = write_plan(tmp_path / "plan.yaml", source_cluster, target_cluster, [vm])
+    vm, plan = await one_vm(source_cluster, target_cluster, tmp_path)
     topic = topic_name(Stream.BATCH, vm)
     size = 10_000
     async with Producer(source_cluster) as producer:
@@ -136,7 +142,11 @@ async def test_records_retention_removes_before_they_are_copied_are_counted_as_l
             burst_bytes=size,
             max_transaction_messages=1,
         ) as transceiver:
-            await wait_until_true(lambda: transceiver.status()["vms"][vm]["position"] == 1)
+            await wait_until(
+                lambda: transceiver.status()["vms"][vm]["position"] == 1,
+                what="the first message copied",
+                limit_s=60,
+            )
             for _ in range(10):
                 await producer.send_and_wait(topic, os.urandom(size), partition=0)
             # The copier waits for its throttle (about 1 s a message) when retention
@@ -147,7 +157,7 @@ async def test_records_retention_removes_before_they_are_copied_are_counted_as_l
                     {TopicPartition(topic, 0): RecordsToDelete(before_offset=11)}
                 )
             lost = transceiver.metrics.backlog_lost.labels(vm=vm)
-            await wait_until_true(lambda: lost._value.get() > 0)
+            await wait_until(lambda: lost._value.get() > 0, what="the loss counted", limit_s=60)
             status = transceiver.status()["vms"][vm]
             assert status["copied_messages"] + lost._value.get() == 11, status
 
@@ -155,15 +165,17 @@ async def test_records_retention_removes_before_they_are_copied_are_counted_as_l
 async def test_a_recreated_source_topic_is_copied_from_its_start(
     source_cluster: KafkaClusterSettings, target_cluster: KafkaClusterSettings, tmp_path: Path
 ) -> None:
-    (vm,) = new_vms(1)
-    await asyncio.gather(create_topics(source_cluster, [vm]), create_topics(target_cluster, [vm]))
-    plan = write_plan(tmp_path / "plan.yaml", source_cluster, target_cluster, [vm])
+    vm, plan = await one_vm(source_cluster, target_cluster, tmp_path)
     topic = topic_name(Stream.BATCH, vm)
     async with Producer(source_cluster) as producer:
         for _ in range(5):
             await producer.send_and_wait(topic, os.urandom(100), partition=0)
     async with running(plan, receiver=False) as transceiver:
-        await wait_until_true(lambda: transceiver.status()["vms"][vm]["position"] == 5)
+        await wait_until(
+            lambda: transceiver.status()["vms"][vm]["position"] == 5,
+            what="five messages copied",
+            limit_s=60,
+        )
     async with Admin(source_cluster) as admin:
         await admin.delete_topics([topic])
     await wait_until_recreated(source_cluster, vm)
@@ -172,7 +184,11 @@ async def test_a_recreated_source_topic_is_copied_from_its_start(
         for value in fresh:
             await producer.send_and_wait(topic, value, partition=0)
     async with running(plan, receiver=False) as transceiver:
-        await wait_until_true(lambda: transceiver.status()["vms"][vm]["copied_messages"] == 2)
+        await wait_until(
+            lambda: transceiver.status()["vms"][vm]["copied_messages"] == 2,
+            what="the new topic copied",
+            limit_s=60,
+        )
         assert transceiver.metrics.backlog_lost.labels(vm=vm)._value.get() == 0
     assert (await read_topic(target_cluster, topic))[-2:] == fresh
 
@@ -193,9 +209,7 @@ async def wait_until_recreated(cluster: KafkaClusterSettings, vm: str) -> None:
 async def test_periodic_mode_copies_at_ticks_only_and_the_throttle_paces_it(
     source_cluster: KafkaClusterSettings, target_cluster: KafkaClusterSettings, tmp_path: Path
 ) -> None:
-    (vm,) = new_vms(1)
-    await asyncio.gather(create_topics(source_cluster, [vm]), create_topics(target_cluster, [vm]))
-    plan = write_plan(tmp_path / "plan.yaml", source_cluster, target_cluster, [vm])
+    vm, plan = await one_vm(source_cluster, target_cluster, tmp_path)
     stream = TapStream(vm, random.Random(3))
     await publish(source_cluster, vm, [stream.frame(40) for _ in range(6)])
     first_last = stream.records[-1].seq
@@ -266,10 +280,3 @@ async def test_target_down_for_30_seconds_loses_nothing_and_catches_up(
                 check_batches(batches, stream.records)
     finally:
         await asyncio.to_thread(site.stop)
-
-
-async def wait_until_true(predicate: Callable[[], bool], *, within: float = 60.0) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.05)
