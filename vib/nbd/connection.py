@@ -58,6 +58,8 @@ _MAX_SUSPENDED = 512
 _MAX_SUSPENDED_BYTES = 64 * 1024 * 1024
 # After the last reply of a closing connection, how long its client has to read them.
 _CLOSE_GRACE_S = 30.0
+# Requests whose data a suspended task holds (a write its payload, a read its reply).
+_DATA_COMMANDS = frozenset((p.CMD_WRITE, p.CMD_READ))
 _UNKNOWN_COMMAND = len(p.COMMAND_NAMES)  # index of the "unknown" request counter
 _METRICS_INTERVAL = 1.0  # seconds between folding counts into Prometheus
 
@@ -705,7 +707,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         )
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
-        if command == _CMD_WRITE or command == p.CMD_READ:
+        if command in _DATA_COMMANDS:
             self._suspended_bytes += length
         if len(self._tasks) >= _MAX_SUSPENDED or self._suspended_bytes >= _MAX_SUSPENDED_BYTES:
             self._set_pause(_PAUSE_BACKLOG, True)
@@ -726,7 +728,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         else:
             self._complete(cookie, command, offset, length, flags, result)
         finally:
-            if command == _CMD_WRITE or command == p.CMD_READ:
+            if command in _DATA_COMMANDS:
                 self._suspended_bytes -= length
         self._schedule_send()
 
