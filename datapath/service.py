@@ -9,8 +9,9 @@ from the worker's own registry) and `/status` (the worker's own JSON).
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Protocol, TypeVar
 
@@ -96,6 +97,15 @@ def given(**options: Any) -> dict[str, Any]:
     ``DM_*`` environment variable or its default) instead of being forced to None.
     """
     return {name: value for name, value in options.items() if value is not None}
+
+
+async def wait_ended(tasks: Sequence[asyncio.Task[Any]], owner: str) -> None:
+    """Waits for every task to end, whatever each ends with, logging the failures (not
+    the cancellations): a stop goes on to close what the tasks used."""
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    for task, outcome in zip(tasks, outcomes, strict=True):
+        if isinstance(outcome, Exception):
+            log.error("%s: %s ended with %r", owner, task.get_name(), outcome)
 
 
 def load_settings(cls: type[SettingsT], **options: Any) -> SettingsT:

@@ -54,6 +54,7 @@ from typing import Any, Protocol
 from datapath.journal import MarkerKind, RecordKind
 from datapath.kafka import KafkaError, backoff_delay
 from datapath.protection import ProtectedVM
+from datapath.service import wait_ended
 from datapath.storage import StorageBackend, StorageError, open_backend
 from datapath.storage.fd import FdBackend
 from vib._fast_writes import FastWrites
@@ -369,12 +370,8 @@ class VmTap:
                 sessions_task.cancel()
         else:
             sessions_task.cancel()  # still trying to reach Kafka: nothing to hand over
-        for task, outcome in zip(
-            self._tasks, await asyncio.gather(*self._tasks, return_exceptions=True), strict=True
-        ):
-            if isinstance(outcome, Exception):
-                # Stopping goes on: the bitmaps must be flushed and the files closed.
-                log.error("VM %s: %s ended with %r", self.vm_id, task.get_name(), outcome)
+        # Whatever they ended with, the bitmaps are flushed and the files closed below.
+        await wait_ended(self._tasks, f"VM {self.vm_id}")
         self._tasks = []
         if self._background:
             await asyncio.wait(self._background, timeout=5)

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 from datapath.kafka import KafkaMetrics
 from datapath.protection import ProtectedVM, ProtectionPlan, load_protection_plan
 from datapath.provisioning import plan_topic_spec
+from datapath.service import wait_ended
 from datapath.topics import Stream, TopicSpec, topic_name
 from services.applier.kafka_source import KafkaJournalSource, KafkaStatusSink
 from services.applier.metrics import ApplierMetrics
@@ -95,7 +96,7 @@ class ApplierWorker:
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await wait_ended(tasks, "applier")
         for applier in self.vms.values():
             await applier.close()
         if self._sink is not None:

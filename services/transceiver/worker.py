@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 from datapath.kafka import KafkaMetrics
 from datapath.protection import ProtectionPlan, load_protection_plan
 from datapath.provisioning import ensure_plan_topics
+from datapath.service import wait_ended
 
 from .copier import VmCopier
 from .metrics import TransceiverMetrics
@@ -79,11 +80,7 @@ class Transceiver:
         for task in tasks:
             task.cancel()
         # Every copier is closed, whatever one of their tasks ended with.
-        for task, outcome in zip(
-            tasks, await asyncio.gather(*tasks, return_exceptions=True), strict=True
-        ):
-            if isinstance(outcome, Exception):
-                log.error("%s ended with %r", task.get_name(), outcome)
+        await wait_ended(tasks, f"transceiver {self.settings.gateway_pair}")
         await asyncio.gather(*(copier.close() for copier in self._copiers.values()))
         log.info("transceiver %s stopped", self.settings.gateway_pair)
 
