@@ -90,15 +90,6 @@ def configure_logging(level: str) -> None:
     )
 
 
-def given(**options: Any) -> dict[str, Any]:
-    """The command-line options the operator gave, as settings overrides.
-
-    An option left unset (None) is dropped, so the setting keeps its own source (its
-    ``DM_*`` environment variable or its default) instead of being forced to None.
-    """
-    return {name: value for name, value in options.items() if value is not None}
-
-
 async def wait_ended(tasks: Sequence[asyncio.Task[Any]], owner: str) -> None:
     """Waits for every task to end, whatever each ends with, logging the failures (not
     the cancellations): a stop goes on to close what the tasks used."""
@@ -112,8 +103,11 @@ def load_settings(cls: type[SettingsT], **options: Any) -> SettingsT:
     """A service's settings: its ``DM_*`` environment, overridden by the command-line
     options given (None: not given). Invalid or missing ones end the command with one
     line per problem, naming the setting and its variable, never its value."""
+    # An option left unset is dropped, not passed as None: the setting keeps its own
+    # source (its variable or its default).
+    given = {name: value for name, value in options.items() if value is not None}
     try:
-        return cls(**given(**options))
+        return cls(**given)
     except ValidationError as exc:
         config = cls.model_config
         detail = describe(
