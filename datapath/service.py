@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Protocol, TypeVar
 
@@ -99,6 +99,50 @@ async def wait_ended(tasks: Sequence[asyncio.Task[Any]], owner: str) -> None:
             log.error("%s: %s ended with %r", owner, task.get_name(), outcome)
 
 
+# The options every `dmover <service>` command shares, their help taken from the
+# service's settings class (its variables' prefix, its defaults).
+
+
+def _env_prefix(cls: type[BaseSettings]) -> str:
+    return cls.model_config.get("env_prefix") or ""
+
+
+def plan_option(cls: type[BaseSettings]) -> Any:
+    return typer.Option(
+        "--plan", help=f"protection plan file (YAML or TOML) [{_env_prefix(cls)}PLAN]"
+    )
+
+
+def host_option(cls: type[BaseSettings], field: str = "http_host") -> Any:
+    return typer.Option(
+        "--host",
+        help="HTTP address for /health /ready /metrics",
+        show_default=str(cls.model_fields[field].default),
+    )
+
+
+def port_option(cls: type[BaseSettings], field: str = "http_port") -> Any:
+    return typer.Option(
+        "--port", help="HTTP port", show_default=str(cls.model_fields[field].default)
+    )
+
+
+def log_level_option() -> Any:
+    return typer.Option(help="DEBUG, INFO, WARNING, ERROR")
+
+
+def serve(
+    create_app: Callable[[SettingsT], FastAPI],
+    settings: SettingsT,
+    host: str,
+    port: int,
+    log_level: str,
+) -> None:
+    """Logs a service's settings (secrets masked) and serves its app."""
+    log.info("%s: %s", type(settings).__name__, settings.model_dump_json())
+    run_app(create_app(settings), host, port, log_level=log_level.lower())
+
+
 def load_settings(cls: type[SettingsT], **options: Any) -> SettingsT:
     """A service's settings: its ``DM_*`` environment, overridden by the command-line
     options given (None: not given). Invalid or missing ones end the command with one
@@ -109,11 +153,10 @@ def load_settings(cls: type[SettingsT], **options: Any) -> SettingsT:
     try:
         return cls(**given)
     except ValidationError as exc:
-        config = cls.model_config
         detail = describe(
             exc,
-            env_prefix=config.get("env_prefix") or "",
-            nested_delimiter=config.get("env_nested_delimiter") or "__",
+            env_prefix=_env_prefix(cls),
+            nested_delimiter=cls.model_config.get("env_nested_delimiter") or "__",
         )
         typer.echo(f"invalid settings:\n{detail}", err=True)
         raise typer.Exit(2) from None

@@ -1,5 +1,6 @@
-"""A service's settings come from its DM_* environment unless an option is given, and a
-bad one is named, with its variable, without its value."""
+"""A service's settings come from its DM_* environment unless an option is given, a bad
+one is named, with its variable, without its value, and each command's help shows the
+defaults its settings have."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ from pathlib import Path
 
 import pytest
 import typer
+from typer.testing import CliRunner
 
 from datapath.service import load_settings
+from dmover.cli import app
 from services.applier.settings import ApplierSettings
 from services.receiver.settings import ReceiverSettings
 from services.transceiver.settings import TransceiverSettings
@@ -55,3 +58,27 @@ def test_a_bad_setting_is_named_with_its_variable_and_without_its_value(
     assert "http_port (DM_TRANSCEIVER_HTTP_PORT)" in err
     assert "target_kafka (DM_TRANSCEIVER_TARGET_KAFKA)" in err
     assert "hunter2" not in err and "not-a-port" not in err
+
+
+@pytest.mark.parametrize(
+    ("command", "cls", "port_field"),
+    [
+        ("tap", TapSettings, "http_port"),
+        ("receiver", ReceiverSettings, "http_port"),
+        ("transceiver", TransceiverSettings, "http_port"),
+        ("applier", ApplierSettings, "port"),
+    ],
+)
+def test_each_command_names_its_plan_variable_and_the_defaults_of_its_settings(
+    command: str,
+    cls: type[ReceiverSettings | TransceiverSettings | ApplierSettings | TapSettings],
+    port_field: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # one line per option
+    result = CliRunner().invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[1]: line for line in result.output.splitlines() if "│ --" in line}
+    assert f"[{cls.model_config['env_prefix']}PLAN]" in lines["--plan"]
+    assert f"[default: ({cls.model_fields[port_field].default})]" in lines["--port"]
+    assert "[default: (127.0.0.1)]" in lines["--host"]

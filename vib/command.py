@@ -2,34 +2,38 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from datapath.service import configure_logging, load_settings, run_app
+from datapath.service import (
+    configure_logging,
+    host_option,
+    load_settings,
+    log_level_option,
+    plan_option,
+    port_option,
+    serve,
+)
 from vib.service import create_app
 from vib.settings import TapSettings
 
-log = logging.getLogger(__name__)
-
 
 def tap_command(
-    plan: Annotated[
-        Path | None,
-        typer.Option("--plan", help="protection plan file (YAML or TOML) [DM_TAP_PLAN]"),
-    ] = None,
-    host: Annotated[
-        str | None,
-        typer.Option(help="HTTP address for /health /ready /metrics [default: 127.0.0.1]"),
-    ] = None,
-    port: Annotated[int | None, typer.Option(help="HTTP port [default: 8100]")] = None,
+    plan: Annotated[Path | None, plan_option(TapSettings)] = None,
+    host: Annotated[str | None, host_option(TapSettings)] = None,
+    port: Annotated[int | None, port_option(TapSettings)] = None,
     nbd_host: Annotated[
-        str | None, typer.Option(help="NBD address [default: --host if given, DM_TAP_NBD_HOST]")
+        str | None,
+        typer.Option(help="NBD address", show_default="--host if given, else DM_TAP_NBD_HOST"),
     ] = None,
     nbd_port: Annotated[
-        int | None, typer.Option(help="NBD TCP port, 0 picks one [default: 10809]")
+        int | None,
+        typer.Option(
+            help="NBD TCP port, 0 picks one",
+            show_default=str(TapSettings.model_fields["nbd_port"].default),
+        ),
     ] = None,
     nbd_socket: Annotated[
         Path | None, typer.Option(help="also serve NBD on this Unix socket")
@@ -38,7 +42,7 @@ def tap_command(
         Path | None,
         typer.Option(help="activity logs, bitmaps, epochs (default /var/lib/datamover/tap)"),
     ] = None,
-    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING, ERROR")] = "INFO",
+    log_level: Annotated[str, log_level_option()] = "INFO",
 ) -> None:
     """Serve the protected disks over NBD; sequence and publish every write to Kafka.
 
@@ -55,7 +59,4 @@ def tap_command(
         nbd_unix_socket=nbd_socket,
         state_dir=state_dir,
     )
-    log.info("tap settings: %s", settings.model_dump_json())
-    run_app(
-        create_app(settings), settings.http_host, settings.http_port, log_level=log_level.lower()
-    )
+    serve(create_app, settings, settings.http_host, settings.http_port, log_level)

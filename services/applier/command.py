@@ -7,17 +7,23 @@ from typing import Annotated
 
 import typer
 
-from datapath.service import configure_logging, load_settings, run_app
+from datapath.service import (
+    configure_logging,
+    host_option,
+    load_settings,
+    log_level_option,
+    plan_option,
+    port_option,
+    serve,
+)
 from services.applier.app import create_app
 from services.applier.settings import ApplierSettings
 
 
 def applier_command(
-    plan: Annotated[
-        Path | None, typer.Option(help="protection plan file (YAML or TOML) [DM_APPLIER_PLAN]")
-    ] = None,
-    host: Annotated[str | None, typer.Option(help="HTTP address [default: 127.0.0.1]")] = None,
-    port: Annotated[int | None, typer.Option(help="HTTP port [default: 8103]")] = None,
+    plan: Annotated[Path | None, plan_option(ApplierSettings)] = None,
+    host: Annotated[str | None, host_option(ApplierSettings, "host")] = None,
+    port: Annotated[int | None, port_option(ApplierSettings, "port")] = None,
     state_dir: Annotated[
         Path | None,
         typer.Option(help="applied positions (default: DM_APPLIER_STATE_DIR or built-in)"),
@@ -25,7 +31,7 @@ def applier_command(
     status_site: Annotated[
         str | None, typer.Option(help="status topic cluster: target, source or none")
     ] = None,
-    log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
+    log_level: Annotated[str, log_level_option()] = "INFO",
 ) -> None:
     """Apply each protected VM's batches, whole and in order, to its target disks.
 
@@ -40,4 +46,4 @@ def applier_command(
         state_dir=state_dir,
         status_site=status_site,
     )
-    run_app(create_app(settings), settings.host, settings.port, log_level=log_level)
+    serve(create_app, settings, settings.host, settings.port, log_level)

@@ -2,30 +2,29 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
 
-from datapath.service import configure_logging, load_settings, run_app
+from datapath.service import (
+    configure_logging,
+    host_option,
+    load_settings,
+    log_level_option,
+    plan_option,
+    port_option,
+    serve,
+)
 
 from .app import create_app
 from .settings import TransceiverSettings
 
-log = logging.getLogger(__name__)
-
 
 def transceiver_command(
-    plan: Annotated[
-        Path | None,
-        typer.Option("--plan", help="protection plan file (YAML or TOML) [DM_TRANSCEIVER_PLAN]"),
-    ] = None,
-    host: Annotated[
-        str | None,
-        typer.Option(help="HTTP address for /health /ready /metrics [default: 127.0.0.1]"),
-    ] = None,
-    port: Annotated[int | None, typer.Option(help="HTTP port [default: 8102]")] = None,
+    plan: Annotated[Path | None, plan_option(TransceiverSettings)] = None,
+    host: Annotated[str | None, host_option(TransceiverSettings)] = None,
+    port: Annotated[int | None, port_option(TransceiverSettings)] = None,
     mode: Annotated[
         Literal["continuous", "periodic"] | None,
         typer.Option(help="continuous (default) or periodic"),
@@ -36,7 +35,7 @@ def transceiver_command(
     bandwidth: Annotated[
         int | None, typer.Option(help="WAN throttle in bytes/s for this gateway pair")
     ] = None,
-    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING, ERROR")] = "INFO",
+    log_level: Annotated[str, log_level_option()] = "INFO",
 ) -> None:
     """Copy the VMs' batch topics from the source cluster to the target, exactly once.
 
@@ -52,7 +51,4 @@ def transceiver_command(
         interval_s=interval,
         bandwidth_bytes_per_s=bandwidth,
     )
-    log.info("transceiver settings: %s", settings.model_dump_json())
-    run_app(
-        create_app(settings), settings.http_host, settings.http_port, log_level=log_level.lower()
-    )
+    serve(create_app, settings, settings.http_host, settings.http_port, log_level)
