@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import subprocess
@@ -18,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from datapath.localsite import log_tail
+from datapath.service import configure_logging
 from dmover.local import STATE_FILE, DeploymentError, LocalDeployment, read_state
 from services.applier.command import applier_command
 from services.receiver.command import receiver_command
@@ -41,10 +41,6 @@ console = Console()
 
 LocalDir = Annotated[Path, typer.Option("--dir", help="where the local deployment keeps its state")]
 DEFAULT_LOCAL_DIR = Path(".local")
-
-
-def _logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 @local_app.command("up")
@@ -87,7 +83,7 @@ def local_up(directory: LocalDir = DEFAULT_LOCAL_DIR, timeout: float = 180.0) ->
 @local_app.command("run")
 def local_run(directory: LocalDir = DEFAULT_LOCAL_DIR) -> None:
     """Run the local deployment in the foreground until SIGTERM or Ctrl-C."""
-    _logging()
+    configure_logging("INFO")
     deployment = LocalDeployment(directory)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
