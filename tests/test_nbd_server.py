@@ -1018,10 +1018,8 @@ class RecordingTransport(asyncio.Transport):
         pass
 
 
-async def test_input_held_back_by_a_pause_is_kept_and_served_later() -> None:
-    # The event loop may offer more input after we asked it to pause; the receive
-    # buffer must make room (compacting, then growing) rather than lose any of it.
-    export = MemoryExport()
+def recording_connection(export: MemoryExport) -> tuple[NbdConnection, RecordingTransport]:
+    """A connection to `export` whose socket the test plays (see RecordingTransport)."""
     context = ServerContext(
         catalog=ExportCatalog({"mem": export}),
         block_sizes=BlockSizes(),
@@ -1036,6 +1034,24 @@ async def test_input_held_back_by_a_pause_is_kept_and_served_later() -> None:
     connection = NbdConnection(context)
     transport = RecordingTransport()
     connection.connection_made(transport)
+    return connection, transport
+
+
+async def negotiated(connection: NbdConnection, transport: RecordingTransport) -> None:
+    """Through the handshake (NBD_OPT_EXPORT_NAME "mem"), its replies dropped."""
+    room = connection.get_buffer(-1)
+    hello = struct.pack(">I", p.FLAG_C_NO_ZEROES) + struct.pack(">QII", p.IHAVEOPT, 1, 3) + b"mem"
+    room[: len(hello)] = hello
+    connection.buffer_updated(len(hello))
+    for _ in range(10):
+        await asyncio.sleep(0)
+    del transport.sent[:]
+
+
+async def test_input_held_back_by_a_pause_is_kept_and_served_later() -> None:
+    # The event loop may offer more input after we asked it to pause; the receive
+    # buffer must make room (compacting, then growing) rather than lose any of it.
+    connection, transport = recording_connection(MemoryExport())
 
     def feed(data: bytes) -> None:
         view = memoryview(data)
@@ -1047,10 +1063,7 @@ async def test_input_held_back_by_a_pause_is_kept_and_served_later() -> None:
             connection.buffer_updated(step)
             view = view[step:]
 
-    feed(struct.pack(">I", p.FLAG_C_NO_ZEROES) + struct.pack(">QII", p.IHAVEOPT, 1, 3) + b"mem")
-    for _ in range(10):
-        await asyncio.sleep(0)
-    del transport.sent[:]
+    await negotiated(connection, transport)
     connection.pause_writing()  # as if the client stopped reading replies
     requests = 20_000  # 560 KiB of READ requests, more than the receive buffer
     feed(b"".join(struct.pack(">IHHQQI", p.REQUEST_MAGIC, 0, 0, i, 0, 8) for i in range(requests)))
@@ -1062,6 +1075,46 @@ async def test_input_held_back_by_a_pause_is_kept_and_served_later() -> None:
     assert len(transport.sent) == requests * (16 + 8)
     cookies = {struct.unpack_from(">Q", transport.sent, i * 24 + 8)[0] for i in range(requests)}
     assert cookies == set(range(requests))
+
+
+async def test_back_to_back_large_writes_are_received_straight_into_their_own_buffers() -> None:
+    # After a large payload, the next header is received alone: a large write behind it
+    # then lands whole in a buffer of its own, none of it in the receive buffer to be
+    # copied over. The kernel is played as one that fills every buffer it is offered.
+    export = MemoryExport()
+    connection, transport = recording_connection(export)
+    await negotiated(connection, transport)
+    rng = random.Random(5)
+    writes = [(i * MiB, rng.randbytes(MiB)) for i in range(3)]
+    small = rng.randbytes(512)
+    stream = (
+        b"".join(
+            struct.pack(">IHHQQI", p.REQUEST_MAGIC, 0, p.CMD_WRITE, i, offset, len(data)) + data
+            for i, (offset, data) in enumerate(writes)
+        )
+        + struct.pack(">IHHQQI", p.REQUEST_MAGIC, 0, p.CMD_WRITE, 9, 3 * MiB, len(small))
+        + small
+    )
+    view = memoryview(stream)
+    into_receive_buffer = 0
+    while view:
+        room = connection.get_buffer(-1)
+        step = min(len(room), len(view))
+        if room.obj is connection._rbuf:
+            into_receive_buffer += step
+        room[:step] = view[:step]
+        connection.buffer_updated(step)
+        view = view[step:]
+    for _ in range(10):
+        await asyncio.sleep(0)
+    # The first write's header and the start of its payload, then two headers alone,
+    # then the small write whole.
+    first_receive = 256 * 1024
+    assert into_receive_buffer == first_receive + 2 * 28 + 28 + len(small)
+    assert len(transport.sent) == 4 * 16
+    for offset, data in writes:
+        assert bytes(export.data[offset : offset + MiB]) == data
+    assert bytes(export.data[3 * MiB : 3 * MiB + 512]) == small
 
 
 @given(

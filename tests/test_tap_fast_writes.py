@@ -311,3 +311,11 @@ def test_any_input_is_parsed_safely(
         assert r.used == taken * RECORD_HEADER_SIZE + taken_bytes and len(r.out) == 16 * taken
     finally:
         os.close(r.fd)
+
+
+def test_payload_buffer_is_a_bytearray_of_the_size_asked() -> None:
+    buf = _fast_writes.payload_buffer(3 * 4096 + 1)
+    assert type(buf) is bytearray and len(buf) == 3 * 4096 + 1
+    assert len(_fast_writes.payload_buffer(0)) == 0
+    with pytest.raises(ValueError, match="negative"):
+        _fast_writes.payload_buffer(-1)

