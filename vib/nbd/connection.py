@@ -127,10 +127,12 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._payload_view = memoryview(b"")
         self._payload_filled = 0
         self._payload_request = (0, 0, 0)
-        # Set when such a payload is complete: the next request's header is received
-        # alone, so that if it is another large write its payload goes whole to a buffer
-        # of its own, rather than in part here and then copied there (with this buffer's
-        # size, up to a quarter of each 1 MiB write). One more receive per large write.
+        # Set when such a payload of at least the receive buffer's size is complete: the
+        # next request's header is received alone, so that if it is another such write
+        # its payload goes whole to a buffer of its own, rather than in part here and
+        # then copied there (up to a quarter of each 1 MiB write). It costs one more
+        # receive per write: below this size, where the copy it would save is smaller,
+        # writes keep sharing receives.
         self._header_first = False
         self._pause = 0
         self._reading_paused = False
@@ -548,8 +550,8 @@ class NbdConnection(asyncio.BufferedProtocol):
         flags, cookie, offset = self._payload_request
         self._payload = None
         self._payload_view = memoryview(b"")
-        self._header_first = True
         length = len(payload)
+        self._header_first = length >= _RECEIVE_BUFFER
         self._ctx.payloads.release(length)
         self._request_counts[_CMD_WRITE] += 1
         if (
