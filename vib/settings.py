@@ -105,6 +105,14 @@ class TapSettings(BaseSettings):
     )
 
     full_sync_on_first_protect: bool = True
+    act_on_resync_requests: bool = Field(
+        default=True,
+        description=(
+            "start a full sync of a VM when the receiver reports a sequence gap, a corrupt "
+            "message or a sequence regression for it (the source site's status topic), "
+            "until the control plane decides this"
+        ),
+    )
     create_topics: bool = Field(default=True, description="create the VMs' missing topics")
     producer_process: bool | None = Field(
         default=None,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -25,6 +25,12 @@ class TapMetrics:
             "Time from handing a frame to the producer to Kafka's acknowledgement (acks=all).",
             labelnames=("vm",),
             buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.status_read_failures = Counter(
+            "datamover_tap_status_read_failures",
+            "Times the source site's status topic could not be read for resync requests "
+            "(read again after a backoff; see vib/resync_requests.py).",
             registry=registry,
         )
         registry.register(_TapCollector(taps))
@@ -74,6 +80,11 @@ class _TapCollector(Collector):
         )
         resyncs = CounterMetricFamily(
             "datamover_tap_resyncs_completed", "Resync brackets completed.", labels=["vm"]
+        )
+        resync_requests = CounterMetricFamily(
+            "datamover_tap_resync_requests",
+            "Resync requests of the receiver acted on (each started a full sync).",
+            labels=["vm"],
         )
         heartbeats = CounterMetricFamily(
             "datamover_tap_heartbeats",
@@ -126,6 +137,7 @@ class _TapCollector(Collector):
             overflows.add_metric([vm], stats.overflows)
             fast_writes.add_metric([vm], stats.fast_writes)
             resyncs.add_metric([vm], stats.resyncs_completed)
+            resync_requests.add_metric([vm], stats.resync_requests)
             heartbeats.add_metric([vm], stats.heartbeats)
             writebacks.add_metric([vm], stats.writebacks)
             al_commits.add_metric([vm], tap.activity_log_commits)
@@ -151,6 +163,6 @@ class _TapCollector(Collector):
             for each in Mode:
                 mode.add_metric([vm, each.value], 1 if each is current else 0)
         yield from (ops, op_bytes, frames, frame_bytes, outages, resyncs, heartbeats)
-        yield from (overflows, fast_writes, writebacks, al_commits)
+        yield from (overflows, fast_writes, writebacks, al_commits, resync_requests)
         yield from gauges.values()
         yield mode

@@ -6,6 +6,8 @@
   told from newer ones;
 - `last_seq`: the last sequence number Kafka acknowledged, written lazily; only used
   when the tap topic holds no frame to continue from (e.g. everything expired);
+- `status_offset`: the offset of the source site's status topic after the last resync
+  request acted on (vib/resync_requests.py);
 - `full_sync`: present while a full sync is pending or running: `requested` until every
   bitmap has been marked dirty and made durable, then `marked`. A tap that finds
   `requested` marks the bitmaps again (the marks may not have reached the disk).
@@ -88,6 +90,23 @@ class TapState:
         """Made durable (run it off the event loop): the topic is the authority, but when
         retention has emptied it, this is all there is to go on."""
         _write_durably(self.directory / "last_seq", f"{seq}\n")
+
+    @property
+    def status_offset(self) -> int | None:
+        """Where to read resync requests from (None: never read). An unreadable file
+        counts as none, loudly, like `last_seq`."""
+        path = self.directory / "status_offset"
+        if not path.exists():
+            return None
+        try:
+            return _read_int(path)
+        except (ValueError, OSError) as exc:
+            log.error("the saved status topic offset is unreadable, ignoring it: %s", exc)
+            return None
+
+    def save_status_offset(self, offset: int) -> None:
+        """Made durable (run it off the event loop)."""
+        _write_durably(self.directory / "status_offset", f"{offset}\n")
 
     @property
     def full_sync(self) -> str | None:

@@ -12,6 +12,7 @@ from datapath.protection import ProtectedVM, load_protection_plan
 from vib.nbd.export import Export
 from vib.nbd.server import NbdServer
 from vib.producer_process import ProcessTapTopic
+from vib.resync_requests import ResyncRequestFollower
 from vib.settings import TapSettings
 from vib.tap_export import TapExport, export_name
 from vib.tap_metrics import TapMetrics
@@ -32,6 +33,7 @@ class TapWorker:
         self.exports: dict[str, Export] = {}
         self.nbd_server: NbdServer | None = None
         self.nbd_port: int | None = None
+        self.resync_requests: ResyncRequestFollower | None = None
         self._ready = False
 
     async def start(self) -> None:
@@ -50,6 +52,16 @@ class TapWorker:
             self.nbd_port = await server.serve_tcp(settings.nbd_host, settings.nbd_port)
             if settings.nbd_unix_socket is not None:
                 await server.serve_unix(str(settings.nbd_unix_socket))
+            if settings.act_on_resync_requests and self.taps:
+                follower = ResyncRequestFollower(
+                    plan.sites.source.kafka,
+                    self.taps,
+                    request_timeout_s=settings.kafka_request_timeout_s,
+                    retry_s=settings.reconnect_interval_s,
+                    failures=self.metrics.status_read_failures,
+                )
+                follower.start()
+                self.resync_requests = follower
         except BaseException:
             await self.stop()
             raise
@@ -75,6 +87,9 @@ class TapWorker:
 
     async def stop(self) -> None:
         self._ready = False
+        if self.resync_requests is not None:
+            await self.resync_requests.stop()
+            self.resync_requests = None
         # Guests first: requests in progress finish, then the taps drain and close.
         if self.nbd_server is not None:
             await self.nbd_server.close()

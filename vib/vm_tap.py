@@ -174,6 +174,7 @@ class VmStats:
     overflows: int = 0
     fast_writes: int = 0  # writes that took the C write path (of `writes`)
     resyncs_completed: int = 0
+    resync_requests: int = 0  # the receiver's, acted on (vib/resync_requests.py)
     heartbeats: int = 0
     writebacks: int = 0
 
@@ -464,6 +465,7 @@ class VmTap:
             "overflowed": self._draining is not None,
             "fast_writes": self.stats.fast_writes,
             "full_sync_pending": self.full_sync_pending,
+            "resync_requests": self.stats.resync_requests,
             "resync": resync.status() if resync is not None else None,
             "last_error": self.last_error,
             "disks": [

@@ -1,0 +1,131 @@
+"""The tap acts on the receiver's resync requests (vib/resync_requests.py): a request for a
+VM it serves starts a full sync of it, at once or, published while the tap was down, at
+its next start; other events, other VMs' requests and requests already acted on start
+nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from tap_helpers import (
+    DiskSpec,
+    MiB,
+    assert_replay_equals_source,
+    caught_up,
+    replay_onto_files,
+    running_tap,
+    tap_settings,
+    wait_until,
+    write_plan,
+)
+
+from datapath.kafka import KafkaClusterSettings, KafkaMetrics, Producer
+from datapath.protection import load_protection_plan
+from datapath.provisioning import ensure_plan_topics
+from datapath.topics import Stream, topic_name
+from vib.resync_requests import ResyncRequest, parse_resync_request, requests_to_act_on
+
+
+def event(vm_id: str, kind: str = "resync_request", reason: str = "sequence_gap") -> bytes:
+    body: dict[str, Any] = {"schema": 1, "source": "receiver", "vm_id": vm_id, "type": kind}
+    if kind == "resync_request":
+        body.update(reason=reason, detail=f"a {reason} in a test")
+    return json.dumps(body).encode()
+
+
+async def publish(cluster: KafkaClusterSettings, values: list[bytes]) -> list[int]:
+    """Publishes status messages (each under a key of its own); their offsets."""
+    async with Producer(cluster) as producer:
+        deliveries = [
+            await producer.send(topic_name(Stream.STATUS), value, os.urandom(8), partition=0)
+            for value in values
+        ]
+        return [(await delivery).offset for delivery in deliveries]
+
+
+def test_a_request_is_told_from_other_events_and_from_what_is_not_an_event() -> None:
+    assert parse_resync_request(event("vm1", reason="sequence_regression")) == ResyncRequest(
+        "vm1", "sequence_regression", "a sequence_regression in a test"
+    )
+    for value in (
+        event("vm1", kind="resync_abandoned"),
+        None,  # a tombstone
+        b"\xff not json",
+        b"[1, 2]",
+        json.dumps({"type": "resync_request", "vm_id": 7}).encode(),
+    ):
+        assert parse_resync_request(value) is None
+
+
+def test_only_requests_at_or_after_a_vms_position_count_and_one_per_vm() -> None:
+    records = [
+        (10, event("a")),  # before a's position: acted on already
+        (11, event("b")),  # not served here
+        (12, event("a", reason="corrupt_record")),
+        (13, b"garbage"),
+        (14, event("a", reason="sequence_regression")),
+        (15, event("c", kind="resync_abandoned")),
+        (16, event("c")),
+    ]
+    chosen = requests_to_act_on(records, {"a": 11, "c": 16})
+    assert {vm: offset for vm, (offset, _) in chosen.items()} == {"a": 14, "c": 16}
+    assert chosen["a"][1].reason == "sequence_regression"
+    assert requests_to_act_on(records, {"a": 15, "c": 17}) == {}
+
+
+async def test_a_resync_request_starts_a_full_sync_now_and_after_a_restart(
+    source_cluster: KafkaClusterSettings, vm_id: str, tmp_path: Path
+) -> None:
+    disks = [DiskSpec("d0", tmp_path / "src.img", 8 * MiB)]
+    disks[0].path.write_bytes(os.urandom(disks[0].size))
+    plan = write_plan(tmp_path / "plan.yaml", source_cluster, vm_id, disks)
+    vms = load_protection_plan(plan).vms
+    await ensure_plan_topics(source_cluster, vms, metrics=KafkaMetrics(CollectorRegistry()))
+    settings = tap_settings(tmp_path, plan)
+
+    async with running_tap(settings) as worker:
+        vm = worker.taps[vm_id]
+        await wait_until(
+            lambda: caught_up(vm.status()) and vm.stats.resyncs_completed == 1,
+            "the first protection's full sync",
+        )
+        offsets = await publish(
+            source_cluster,
+            [
+                event(f"{vm_id}-other"),
+                event(vm_id, kind="resync_abandoned"),
+                b"not an event",
+                event(vm_id),
+            ],
+        )
+        await wait_until(lambda: vm.status()["resync_requests"] == 1, "the request acted on")
+        await wait_until(
+            lambda: caught_up(vm.status()) and vm.stats.resyncs_completed == 2,
+            "the full sync it started",
+        )
+        assert vm.state.status_offset == offsets[-1] + 1
+
+    [offset] = await publish(source_cluster, [event(vm_id, reason="sequence_regression")])
+    async with running_tap(settings) as worker:
+        vm = worker.taps[vm_id]
+        await wait_until(lambda: vm.stats.resync_requests == 1, "the request made while down")
+        await wait_until(
+            lambda: caught_up(vm.status()) and vm.stats.resyncs_completed == 1,
+            "the full sync it started",
+        )
+        assert vm.state.status_offset == offset + 1
+        metrics = worker.registry.get_sample_value(
+            "datamover_tap_resync_requests_total", {"vm": vm_id}
+        )
+        assert metrics == 1
+
+    result, replays = await replay_onto_files(source_cluster, vm_id, disks, tmp_path / "r")
+    assert_replay_equals_source(result, [(disks[0].path, replays[0])])
+    assert not result.gaps
+    assert len(result.resyncs_completed) == 3  # the first protection's, and one per request
+    # Each one a full sync: every byte of the disk travelled three times.
+    assert result.bytes["SYNC_BLOCK"] == 3 * disks[0].size

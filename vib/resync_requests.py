@@ -1,0 +1,168 @@
+"""The tap's answer to the receiver's resync requests.
+
+What the receiver cannot batch (a sequence gap, a corrupt tap message, a sequence
+regression: see docs/receiver.md) it reports as a `resync_request` event on the source
+site's status topic, and the applier stops that VM at the hole until a full resync
+repairs its disks. Nothing else acts on those events until the control plane exists, so
+the tap does (setting `act_on_resync_requests`, on by default): a request for a VM it
+serves starts a full sync of that VM (`VmTap.request_full_sync`), one resync bracket that
+the applier applies as one unit past the hole. Requests read in one fetch for the same VM
+(one incident often yields a gap and a regression together) start one full sync.
+
+Each VM's state directory keeps the status topic's offset after the last request acted on
+(`TapState.status_offset`): a restarted tap acts on the requests published while it was
+down, and on none twice (a crash between starting the full sync and saving the offset
+acts on it once more: a second full sync, harmless). A VM seen for the first time starts
+at the topic's end: older events are about an earlier protection of the same id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from aiokafka.structs import TopicPartition
+from prometheus_client import Counter
+
+from datapath.kafka import Consumer, KafkaClusterSettings, KafkaError, backoff_delay
+from datapath.topics import Stream, topic_name
+from vib.vm_tap import VmTap
+
+log = logging.getLogger(__name__)
+
+_FETCH_WAIT_MS = 500
+_RETRY_MAX_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class ResyncRequest:
+    vm_id: str
+    reason: str
+    detail: str
+
+
+def parse_resync_request(value: bytes | None) -> ResyncRequest | None:
+    """The resync request a status message holds; None for any other event, a tombstone,
+    or a message that is not a readable event (logged: it is skipped, not fatal)."""
+    if value is None:
+        return None
+    try:
+        event = json.loads(value)
+    except ValueError as exc:  # bad JSON or bad UTF-8
+        log.warning("skipping a status message that is not JSON: %s", exc)
+        return None
+    if not isinstance(event, dict) or event.get("type") != "resync_request":
+        return None
+    vm_id = event.get("vm_id")
+    if not isinstance(vm_id, str):
+        log.warning("skipping a resync request without a VM id: %.200r", event)
+        return None
+    return ResyncRequest(vm_id, str(event.get("reason", "unknown")), str(event.get("detail", "")))
+
+
+def requests_to_act_on(
+    records: Iterable[tuple[int, bytes | None]], positions: Mapping[str, int]
+) -> dict[str, tuple[int, ResyncRequest]]:
+    """Of status messages (offset, value) read in order, the last resync request of each VM
+    in `positions` at or after its position there (the offset after the last request
+    acted on): one full sync per VM answers all of them."""
+    chosen: dict[str, tuple[int, ResyncRequest]] = {}
+    for offset, value in records:
+        request = parse_resync_request(value)
+        if request is not None and offset >= positions.get(request.vm_id, offset + 1):
+            chosen[request.vm_id] = (offset, request)
+    return chosen
+
+
+class ResyncRequestFollower:
+    """Follows the source site's status topic for the VMs of `taps` (see the module)."""
+
+    def __init__(
+        self,
+        cluster: KafkaClusterSettings,
+        taps: Mapping[str, VmTap],
+        *,
+        request_timeout_s: float,
+        retry_s: float,
+        failures: Counter,
+    ) -> None:
+        self._cluster = cluster
+        self._taps = taps
+        self._request_timeout_ms = int(request_timeout_s * 1000)
+        self._retry_s = retry_s
+        self._task: asyncio.Task[None] | None = None
+        self.topic = topic_name(Stream.STATUS)
+        # Times the status topic could not be read (then read again after a backoff).
+        self._failures = failures
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name="resync-request-follower"
+        )
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        failures_in_a_row = 0
+        while True:
+            try:
+                await self._follow()
+            except KafkaError as exc:
+                self._failures.inc()
+                failures_in_a_row += 1
+                # The topic appears when a receiver (or the control plane) creates it.
+                level = logging.WARNING if failures_in_a_row == 3 else logging.DEBUG
+                log.log(level, "cannot read resync requests from %s: %s", self.topic, exc)
+                await asyncio.sleep(
+                    backoff_delay(self._retry_s, failures_in_a_row, maximum=_RETRY_MAX_S)
+                )
+                continue
+            failures_in_a_row = 0
+
+    async def _follow(self) -> None:
+        partition = TopicPartition(self.topic, 0)
+        consumer = Consumer(
+            self._cluster,
+            client_id="dm-tap-resync-requests",
+            request_timeout_ms=self._request_timeout_ms,
+            fetch_max_wait_ms=_FETCH_WAIT_MS,
+            max_partition_fetch_bytes=1 << 20,
+            fetch_max_bytes=1 << 20,
+        )
+        async with consumer:
+            consumer.assign([partition])
+            end = (await consumer.end_offsets([partition]))[partition]
+            positions: dict[str, int] = {}
+            for vm_id, tap in self._taps.items():
+                saved = tap.state.status_offset
+                if saved is None:
+                    await asyncio.to_thread(tap.state.save_status_offset, end)
+                    saved = end
+                positions[vm_id] = saved
+            consumer.seek(partition, min(positions.values(), default=end))
+            while True:
+                fetched = await consumer.getmany(partition, timeout_ms=_FETCH_WAIT_MS * 2)
+                records = ((r.offset, r.value) for r in fetched.get(partition, ()))
+                for vm_id, (offset, request) in requests_to_act_on(records, positions).items():
+                    await self._act(self._taps[vm_id], request)
+                    positions[vm_id] = offset + 1
+                    await asyncio.to_thread(self._taps[vm_id].state.save_status_offset, offset + 1)
+
+    async def _act(self, tap: VmTap, request: ResyncRequest) -> None:
+        log.warning(
+            "VM %s: the receiver asks for a resync (%s: %s); starting a full sync",
+            tap.vm_id,
+            request.reason,
+            request.detail,
+        )
+        tap.stats.resync_requests += 1
+        await tap.request_full_sync()
