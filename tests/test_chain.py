@@ -4,6 +4,7 @@ started by `dmover` exactly as `dmover local up` starts it."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -16,10 +17,14 @@ from typing import Any
 
 import httpx
 import pytest
+from aiokafka.admin import RecordsToDelete
+from aiokafka.structs import TopicPartition
 
+from datapath.kafka import Admin, Consumer, KafkaClusterSettings
 from datapath.localsite import KafkaSite
 from datapath.protection import load_protection_plan
-from dmover.local import Endpoints, LocalDeployment, wait_drained
+from datapath.topics import Stream, topic_name
+from dmover.local import Endpoints, LocalDeployment, replication_positions, wait_drained
 
 REPO = Path(__file__).resolve().parent.parent
 DISK_SIZE = 64 * 1024 * 1024
@@ -213,3 +218,68 @@ def _settled_applied_seq(
         if now != seq:
             seq, since = now, time.monotonic()
     return int(seq)
+
+
+def _receiver_gaps(http: httpx.Client, endpoints: Endpoints, vm_id: str) -> float:
+    """The receiver's count of sequence gaps of the VM (0 before the first)."""
+    text = http.get(f"{endpoints.services['receiver']}/metrics").text
+    prefix = f'datamover_receiver_sequence_gaps_total{{vm="{vm_id}"}} '
+    return sum(float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix))
+
+
+async def _delete_all_records(cluster: KafkaClusterSettings, topic: str) -> int:
+    """What retention does to records no one read in time: all of them, gone. The new
+    log start offset."""
+    partition = TopicPartition(topic, 0)
+    async with Consumer(cluster) as consumer:
+        end = (await consumer.end_offsets([partition]))[partition]
+    async with Admin(cluster) as admin:
+        done = await admin.driver.delete_records({partition: RecordsToDelete(end)})
+    return int(done[partition])
+
+
+def test_records_lost_before_the_receiver_read_them_are_repaired_by_a_full_sync_on_its_own(
+    chain: tuple[LocalDeployment, Endpoints], source_cluster: KafkaClusterSettings
+) -> None:
+    """Guarantee 3 when the journal itself lost writes (a retention shorter than an outage
+    of the receiver): the receiver reports the gap, the applier stops at it, and the tap
+    answers the receiver's resync request with a full sync: the target equals the source
+    again, with nobody calling the tap."""
+    deployment, endpoints = chain
+    vm_id, export, source, target = _disk(chain)
+    receiver = next(s.process for s in deployment.services if s.name == "receiver")
+    assert receiver is not None
+    with httpx.Client(timeout=30.0) as http:
+        wait_drained(http, endpoints, vm_id, timeout=240)
+        requests_before = replication_positions(http, endpoints, vm_id)[0]["resync_requests"]
+        gaps_before = _receiver_gaps(http, endpoints, vm_id)
+        os.kill(receiver.pid, signal.SIGSTOP)
+        try:
+            _run(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 8M 3M", export])
+            _wait_for(
+                lambda: (
+                    (vm := replication_positions(http, endpoints, vm_id)[0])[
+                        "last_seq_acknowledged"
+                    ]
+                    == vm["last_seq_assigned"]
+                ),
+                "the tap to have the writes in Kafka",
+            )
+            asyncio.run(_delete_all_records(source_cluster, topic_name(Stream.TAP, vm_id)))
+        finally:
+            os.kill(receiver.pid, signal.SIGCONT)
+        _wait_for(
+            lambda: (
+                replication_positions(http, endpoints, vm_id)[0]["resync_requests"]
+                > requests_before
+            ),
+            "the tap to act on the receiver's resync request",
+            timeout=120,
+        )
+        assert _receiver_gaps(http, endpoints, vm_id) > gaps_before
+    http = _drain_and_pause(chain, vm_id)
+    try:
+        _run(["qemu-img", "compare", "-f", "raw", "-F", "raw", source, target])
+        assert _applier_vm(http, endpoints, vm_id)["health"] == "ok"
+    finally:
+        _resume(chain, vm_id, http)
