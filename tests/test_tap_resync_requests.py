@@ -93,6 +93,17 @@ async def test_a_resync_request_starts_a_full_sync_now_and_after_a_restart(
             lambda: caught_up(vm.status()) and vm.stats.resyncs_completed == 1,
             "the first protection's full sync",
         )
+        # The first try to act fails (a state directory that refuses the full sync's
+        # flag): the request is acted on by the next one, not lost.
+        request_full_sync = vm.request_full_sync
+        refusals = [OSError(28, "No space left on device")]
+
+        async def refused_once() -> None:
+            if refusals:
+                raise refusals.pop()
+            await request_full_sync()
+
+        vm.request_full_sync = refused_once  # type: ignore[method-assign]
         offsets = await publish(
             source_cluster,
             [
@@ -108,6 +119,9 @@ async def test_a_resync_request_starts_a_full_sync_now_and_after_a_restart(
             "the full sync it started",
         )
         assert vm.state.status_offset == offsets[-1] + 1
+        assert not refusals
+        failures = worker.registry.get_sample_value("datamover_tap_resync_request_failures_total")
+        assert failures is not None and failures >= 1
 
     [offset] = await publish(source_cluster, [event(vm_id, reason="sequence_regression")])
     async with running_tap(settings) as worker:

@@ -96,8 +96,10 @@ class ResyncRequestFollower:
         self._retry_s = retry_s
         self._task: asyncio.Task[None] | None = None
         self.topic = topic_name(Stream.STATUS)
-        # Times the status topic could not be read (then read again after a backoff).
+        # Times following the topic or acting on a request failed (tried again after a
+        # backoff), in all and since the last time the topic was read.
         self._failures = failures
+        self._failures_in_a_row = 0
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(
@@ -112,21 +114,26 @@ class ResyncRequestFollower:
                 await task
 
     async def _run(self) -> None:
-        failures_in_a_row = 0
         while True:
             try:
                 await self._follow()
             except KafkaError as exc:
-                self._failures.inc()
-                failures_in_a_row += 1
-                # The topic appears when a receiver (or the control plane) creates it.
-                level = logging.WARNING if failures_in_a_row == 3 else logging.DEBUG
-                log.log(level, "cannot read resync requests from %s: %s", self.topic, exc)
-                await asyncio.sleep(
-                    backoff_delay(self._retry_s, failures_in_a_row, maximum=_RETRY_MAX_S)
+                # The topic appears when a receiver (or the control plane) creates it: not
+                # worth a warning until a few tries have failed.
+                self._failed(
+                    logging.WARNING if self._failures_in_a_row >= 2 else logging.DEBUG,
+                    f"cannot read resync requests from {self.topic}: {exc}",
                 )
-                continue
-            failures_in_a_row = 0
+            except OSError as exc:  # a full sync's flag or the offset could not be saved
+                self._failed(logging.ERROR, f"cannot act on a resync request: {exc}")
+            await asyncio.sleep(
+                backoff_delay(self._retry_s, self._failures_in_a_row, maximum=_RETRY_MAX_S)
+            )
+
+    def _failed(self, level: int, message: str) -> None:
+        self._failures.inc()
+        self._failures_in_a_row += 1
+        log.log(level, "%s (trying again)", message)
 
     async def _follow(self) -> None:
         partition = TopicPartition(self.topic, 0)
@@ -149,6 +156,7 @@ class ResyncRequestFollower:
                     saved = end
                 positions[vm_id] = saved
             consumer.seek(partition, min(positions.values(), default=end))
+            self._failures_in_a_row = 0
             while True:
                 fetched = await consumer.getmany(partition, timeout_ms=_FETCH_WAIT_MS * 2)
                 records = ((r.offset, r.value) for r in fetched.get(partition, ()))
@@ -164,5 +172,5 @@ class ResyncRequestFollower:
             request.reason,
             request.detail,
         )
-        tap.stats.resync_requests += 1
         await tap.request_full_sync()
+        tap.stats.resync_requests += 1

@@ -27,10 +27,10 @@ class TapMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
-        self.status_read_failures = Counter(
-            "datamover_tap_status_read_failures",
-            "Times the source site's status topic could not be read for resync requests "
-            "(read again after a backoff; see vib/resync_requests.py).",
+        self.resync_request_failures = Counter(
+            "datamover_tap_resync_request_failures",
+            "Times following the source site's status topic for resync requests, or acting "
+            "on one, failed (tried again after a backoff; see vib/resync_requests.py).",
             registry=registry,
         )
         registry.register(_TapCollector(taps))

@@ -58,7 +58,7 @@ class TapWorker:
                     self.taps,
                     request_timeout_s=settings.kafka_request_timeout_s,
                     retry_s=settings.reconnect_interval_s,
-                    failures=self.metrics.status_read_failures,
+                    failures=self.metrics.resync_request_failures,
                 )
                 follower.start()
                 self.resync_requests = follower
