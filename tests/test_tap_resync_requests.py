@@ -27,13 +27,23 @@ from datapath.kafka import KafkaClusterSettings, KafkaMetrics, Producer
 from datapath.protection import load_protection_plan
 from datapath.provisioning import ensure_plan_topics
 from datapath.topics import Stream, topic_name
-from vib.resync_requests import ResyncRequest, parse_resync_request, requests_to_act_on
+from vib.resync_requests import (
+    Position,
+    ResyncRequest,
+    parse_resync_request,
+    requests_to_act_on,
+)
 
 
-def event(vm_id: str, kind: str = "resync_request", reason: str = "sequence_gap") -> bytes:
+def event(
+    vm_id: str,
+    kind: str = "resync_request",
+    reason: str = "sequence_gap",
+    last_seq: int | None = None,
+) -> bytes:
     body: dict[str, Any] = {"schema": 1, "source": "receiver", "vm_id": vm_id, "type": kind}
     if kind == "resync_request":
-        body.update(reason=reason, detail=f"a {reason} in a test")
+        body.update(reason=reason, detail=f"a {reason} in a test", last_seq=last_seq)
     return json.dumps(body).encode()
 
 
@@ -48,8 +58,11 @@ async def publish(cluster: KafkaClusterSettings, values: list[bytes]) -> list[in
 
 
 def test_a_request_is_told_from_other_events_and_from_what_is_not_an_event() -> None:
-    assert parse_resync_request(event("vm1", reason="sequence_regression")) == ResyncRequest(
-        "vm1", "sequence_regression", "a sequence_regression in a test"
+    assert parse_resync_request(
+        event("vm1", reason="sequence_regression", last_seq=41)
+    ) == ResyncRequest("vm1", "sequence_regression", "a sequence_regression in a test", 41)
+    assert parse_resync_request(event("vm1", reason="corrupt_record")) == ResyncRequest(
+        "vm1", "corrupt_record", "a corrupt_record in a test", None
     )
     for value in (
         event("vm1", kind="resync_abandoned"),
@@ -61,9 +74,9 @@ def test_a_request_is_told_from_other_events_and_from_what_is_not_an_event() -> 
         assert parse_resync_request(value) is None
 
 
-def test_only_requests_at_or_after_a_vms_position_count_and_one_per_vm() -> None:
+def test_only_requests_at_or_after_a_vms_offset_count_and_one_full_sync_answers_them() -> None:
     records = [
-        (10, event("a")),  # before a's position: acted on already
+        (10, event("a")),  # before a's offset: read already
         (11, event("b")),  # not served here
         (12, event("a", reason="corrupt_record")),
         (13, b"garbage"),
@@ -71,10 +84,20 @@ def test_only_requests_at_or_after_a_vms_position_count_and_one_per_vm() -> None
         (15, event("c", kind="resync_abandoned")),
         (16, event("c")),
     ]
-    chosen = requests_to_act_on(records, {"a": 11, "c": 16})
-    assert {vm: offset for vm, (offset, _) in chosen.items()} == {"a": 14, "c": 16}
-    assert chosen["a"][1].reason == "sequence_regression"
-    assert requests_to_act_on(records, {"a": 15, "c": 17}) == {}
+    chosen = requests_to_act_on(records, {"a": Position(11), "c": Position(16)})
+    assert {vm: after for vm, (after, _) in chosen.items()} == {"a": 15, "c": 17}
+    first = chosen["a"][1]
+    assert first is not None and first.reason == "corrupt_record"
+    assert requests_to_act_on(records, {"a": Position(15), "c": Position(17)}) == {}
+
+
+def test_a_request_for_a_range_the_last_full_sync_covers_starts_none() -> None:
+    position = {"a": Position(0, covered_from=500)}
+    covered = [(0, event("a", last_seq=100)), (1, event("a", last_seq=499))]
+    assert requests_to_act_on(covered, position) == {"a": (2, None)}
+    for late in (event("a", last_seq=500), event("a", last_seq=None)):
+        after, request = requests_to_act_on([*covered, (2, late)], position)["a"]
+        assert after == 3 and request == parse_resync_request(late)
 
 
 async def test_a_resync_request_starts_a_full_sync_now_and_after_a_restart(
@@ -118,7 +141,14 @@ async def test_a_resync_request_starts_a_full_sync_now_and_after_a_restart(
             lambda: caught_up(vm.status()) and vm.stats.resyncs_completed == 2,
             "the full sync it started",
         )
-        assert vm.state.status_offset == offsets[-1] + 1
+        position = vm.state.resync_requests
+        assert position is not None and position[0] == offsets[-1] + 1
+        # A second report of a hole before that full sync's start starts nothing.
+        [again] = await publish(source_cluster, [event(vm_id, last_seq=position[1] - 1)])
+        await wait_until(
+            lambda: vm.state.resync_requests == (again + 1, position[1]), "the report read"
+        )
+        assert vm.stats.resync_requests == 1 and not vm.full_sync_pending
         assert not refusals
         failures = worker.registry.get_sample_value("datamover_tap_resync_request_failures_total")
         assert failures is not None and failures >= 1
@@ -131,7 +161,8 @@ async def test_a_resync_request_starts_a_full_sync_now_and_after_a_restart(
             lambda: caught_up(vm.status()) and vm.stats.resyncs_completed == 1,
             "the full sync it started",
         )
-        assert vm.state.status_offset == offset + 1
+        position = vm.state.resync_requests
+        assert position is not None and position[0] == offset + 1
         metrics = worker.registry.get_sample_value(
             "datamover_tap_resync_requests_total", {"vm": vm_id}
         )

@@ -7,13 +7,15 @@ repairs its disks. Nothing else acts on those events until the control plane exi
 the tap does (setting `act_on_resync_requests`, on by default): a request for a VM it
 serves starts a full sync of that VM (`VmTap.request_full_sync`), one resync bracket that
 the applier applies as one unit past the hole. Requests read in one fetch for the same VM
-(one incident often yields a gap and a regression together) start one full sync.
+(one incident often yields a gap and a regression together) start one full sync, and a
+request for a range that the last full sync started already covers starts none (see
+`Position`).
 
-Each VM's state directory keeps the status topic's offset after the last request acted on
-(`TapState.status_offset`): a restarted tap acts on the requests published while it was
-down, and on none twice (a crash between starting the full sync and saving the offset
-acts on it once more: a second full sync, harmless). A VM seen for the first time starts
-at the topic's end: older events are about an earlier protection of the same id.
+Each VM's state directory keeps its `Position` (`TapState.resync_requests`): a restarted
+tap acts on the requests published while it was down, and on none twice (a crash between
+starting the full sync and saving the position acts on it once more: a second full sync,
+harmless). A VM seen for the first time starts at the topic's end: older events are about
+an earlier protection of the same id.
 """
 
 from __future__ import annotations
@@ -43,6 +45,21 @@ class ResyncRequest:
     vm_id: str
     reason: str
     detail: str
+    # The last sequence number of the missing or unusable range (None: not known, a
+    # corrupt message whose header is unreadable).
+    last_seq: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where one VM stands: the status topic offset after the last request read, and the
+    sequence number from which the last full sync started for a request is sure to cover
+    the VM (its RESYNC_START comes later): a request whose range ends before that number
+    is answered already (the receiver may report one hole twice: a quarantined message,
+    then the gap it leaves)."""
+
+    offset: int
+    covered_from: int = 0
 
 
 def parse_resync_request(value: bytes | None) -> ResyncRequest | None:
@@ -61,20 +78,36 @@ def parse_resync_request(value: bytes | None) -> ResyncRequest | None:
     if not isinstance(vm_id, str):
         log.warning("skipping a resync request without a VM id: %.200r", event)
         return None
-    return ResyncRequest(vm_id, str(event.get("reason", "unknown")), str(event.get("detail", "")))
+    last_seq = event.get("last_seq")
+    return ResyncRequest(
+        vm_id,
+        str(event.get("reason", "unknown")),
+        str(event.get("detail", "")),
+        last_seq if type(last_seq) is int else None,
+    )
 
 
 def requests_to_act_on(
-    records: Iterable[tuple[int, bytes | None]], positions: Mapping[str, int]
-) -> dict[str, tuple[int, ResyncRequest]]:
-    """Of status messages (offset, value) read in order, the last resync request of each VM
-    in `positions` at or after its position there (the offset after the last request
-    acted on): one full sync per VM answers all of them."""
-    chosen: dict[str, tuple[int, ResyncRequest]] = {}
+    records: Iterable[tuple[int, bytes | None]], positions: Mapping[str, Position]
+) -> dict[str, tuple[int, ResyncRequest | None]]:
+    """Status messages (offset, value) read in order: for each VM of `positions` with
+    resync requests at or after its offset, the offset after the last of them, and the
+    first of them that its last full sync does not cover (None: it covers them all). One
+    full sync answers every request read with it."""
+    chosen: dict[str, tuple[int, ResyncRequest | None]] = {}
     for offset, value in records:
         request = parse_resync_request(value)
-        if request is not None and offset >= positions.get(request.vm_id, offset + 1):
-            chosen[request.vm_id] = (offset, request)
+        if request is None:
+            continue
+        position = positions.get(request.vm_id)
+        if position is None or offset < position.offset:
+            continue
+        uncovered = chosen.get(request.vm_id, (0, None))[1]
+        if uncovered is None and (
+            request.last_seq is None or request.last_seq >= position.covered_from
+        ):
+            uncovered = request
+        chosen[request.vm_id] = (offset + 1, uncovered)
     return chosen
 
 
@@ -148,24 +181,33 @@ class ResyncRequestFollower:
         async with consumer:
             consumer.assign([partition])
             end = (await consumer.end_offsets([partition]))[partition]
-            positions: dict[str, int] = {}
+            positions: dict[str, Position] = {}
             for vm_id, tap in self._taps.items():
-                saved = tap.state.status_offset
+                saved = tap.state.resync_requests
                 if saved is None:
-                    await asyncio.to_thread(tap.state.save_status_offset, end)
-                    saved = end
-                positions[vm_id] = saved
-            consumer.seek(partition, min(positions.values(), default=end))
+                    saved = (end, 0)
+                    await asyncio.to_thread(tap.state.save_resync_requests, *saved)
+                positions[vm_id] = Position(*saved)
+            consumer.seek(partition, min((p.offset for p in positions.values()), default=end))
             self._failures_in_a_row = 0
             while True:
                 fetched = await consumer.getmany(partition, timeout_ms=_FETCH_WAIT_MS * 2)
                 records = ((r.offset, r.value) for r in fetched.get(partition, ()))
-                for vm_id, (offset, request) in requests_to_act_on(records, positions).items():
-                    await self._act(self._taps[vm_id], request)
-                    positions[vm_id] = offset + 1
-                    await asyncio.to_thread(self._taps[vm_id].state.save_status_offset, offset + 1)
+                for vm_id, (after, request) in requests_to_act_on(records, positions).items():
+                    tap = self._taps[vm_id]
+                    covered_from = positions[vm_id].covered_from
+                    if request is not None:
+                        covered_from = await self._act(tap, request)
+                    position = positions[vm_id] = Position(after, covered_from)
+                    await asyncio.to_thread(
+                        tap.state.save_resync_requests, position.offset, position.covered_from
+                    )
 
-    async def _act(self, tap: VmTap, request: ResyncRequest) -> None:
+    async def _act(self, tap: VmTap, request: ResyncRequest) -> int:
+        """Starts a full sync; the number from which it surely covers the VM: every record
+        numbered from now on comes after the last one Kafka acknowledged (a new session
+        continues after the topic's last record), and so does its RESYNC_START."""
+        covered_from = tap.last_seq_acked + 1
         log.warning(
             "VM %s: the receiver asks for a resync (%s: %s); starting a full sync",
             tap.vm_id,
@@ -174,3 +216,4 @@ class ResyncRequestFollower:
         )
         await tap.request_full_sync()
         tap.stats.resync_requests += 1
+        return covered_from

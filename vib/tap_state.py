@@ -6,8 +6,9 @@
   told from newer ones;
 - `last_seq`: the last sequence number Kafka acknowledged, written lazily; only used
   when the tap topic holds no frame to continue from (e.g. everything expired);
-- `status_offset`: the offset of the source site's status topic after the last resync
-  request acted on (vib/resync_requests.py);
+- `resync_requests`: where the tap stands in the source site's status topic: the offset
+  after the last resync request read, and the sequence number from which the last full
+  sync started for one covers the VM (vib/resync_requests.py);
 - `full_sync`: present while a full sync is pending or running: `requested` until every
   bitmap has been marked dirty and made durable, then `marked`. A tap that finds
   `requested` marks the bitmaps again (the marks may not have reached the disk).
@@ -92,21 +93,22 @@ class TapState:
         _write_durably(self.directory / "last_seq", f"{seq}\n")
 
     @property
-    def status_offset(self) -> int | None:
-        """Where to read resync requests from (None: never read). An unreadable file
-        counts as none, loudly, like `last_seq`."""
-        path = self.directory / "status_offset"
-        if not path.exists():
-            return None
+    def resync_requests(self) -> tuple[int, int] | None:
+        """(offset, covered_from), see the module's docstring; None: never read. An
+        unreadable file counts as none, loudly, like `last_seq`."""
+        path = self.directory / "resync_requests"
         try:
-            return _read_int(path)
-        except (ValueError, OSError) as exc:
-            log.error("the saved status topic offset is unreadable, ignoring it: %s", exc)
+            offset, covered_from = map(int, path.read_text().split())
+        except FileNotFoundError:
             return None
+        except (ValueError, OSError) as exc:
+            log.error("the saved resync request position is unreadable, ignoring it: %s", exc)
+            return None
+        return offset, covered_from
 
-    def save_status_offset(self, offset: int) -> None:
+    def save_resync_requests(self, offset: int, covered_from: int) -> None:
         """Made durable (run it off the event loop)."""
-        _write_durably(self.directory / "status_offset", f"{offset}\n")
+        _write_durably(self.directory / "resync_requests", f"{offset} {covered_from}\n")
 
     @property
     def full_sync(self) -> str | None:
