@@ -19,6 +19,7 @@ from replication_helpers import (
     wait_for_batches,
     write_plan,
 )
+from tap_helpers import wait_until
 
 from datapath.journal import encode_frame
 from datapath.kafka import KafkaClusterSettings, KafkaUnavailable, TransactionalProducer
@@ -169,6 +170,40 @@ async def test_a_vm_that_cannot_be_opened_holds_up_no_other_and_opens_later(
         await wait_for_batches(source_cluster, stuck, streams[stuck].records[-1].seq, timeout_s=30)
         assert receiver.kafka_metrics.retries_of("receiver_open") == 3
         assert receiver.status()["vms"][stuck]["last_error"] is None
+    finally:
+        await receiver.stop()
+
+
+async def test_a_fenced_vm_opens_again_when_no_rebalance_moves_it(
+    source_cluster: KafkaClusterSettings, target_cluster: KafkaClusterSettings, tmp_path: Path
+) -> None:
+    # A producer fenced with no other receiver in the group (as when the coordinator
+    # fences a transaction that outlived its timeout): no rebalance will come to drop the
+    # VM, so the receiver opens it again itself, and the batches stay exact.
+    vm = f"rcv-{uuid.uuid4().hex[:10]}"
+    await create_topics(source_cluster, [vm])
+    plan = write_plan(tmp_path / "plan.yaml", source_cluster, target_cluster, [vm])
+    stream = TapStream(vm, random.Random(11))
+    settings = receiver_settings(plan)
+    receiver = Receiver(settings)
+    await receiver.start()
+    try:
+        await publish(source_cluster, vm, [stream.frame(20, hot_blocks=8) for _ in range(3)])
+        await wait_for_batches(source_cluster, vm, stream.records[-1].seq, timeout_s=60)
+        intruder = TransactionalProducer(
+            source_cluster, transactional_id=f"{settings.transactional_id_prefix}.{vm}"
+        )
+        await intruder.start()  # fences the receiver's producer of the VM
+        try:
+            await publish(source_cluster, vm, [stream.frame(20, hot_blocks=8) for _ in range(3)])
+            await wait_until(lambda: receiver.status()["vms"][vm]["fenced"], "the fence")
+        finally:
+            await intruder.stop()
+        await publish(source_cluster, vm, [stream.frame(20, hot_blocks=8) for _ in range(3)])
+        batches = await wait_for_batches(source_cluster, vm, stream.records[-1].seq, timeout_s=90)
+        check_batches(batches, stream.records)
+        status = receiver.status()["vms"][vm]
+        assert status["healthy"] and not status["fenced"]
     finally:
         await receiver.stop()
 

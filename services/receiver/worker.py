@@ -322,6 +322,12 @@ class Receiver:
             linger_ms=0,
         )
 
+    def _fenced_grace_s(self) -> float:
+        """How long a fenced VM waits for the rebalance that would move it: a member that
+        stopped heartbeating is out after a session timeout, and the rebalance that
+        follows takes about as long again."""
+        return 2 * self.settings.session_timeout_ms / 1000
+
     def _source_cluster(self) -> KafkaClusterSettings:
         assert self._plan is not None
         return self._plan.sites.source.kafka
@@ -470,7 +476,7 @@ class Receiver:
                 [
                     pipe
                     for pipe in self._pipes.values()
-                    if pipe.batcher is None and not pipe.fenced and now >= pipe.retry_at
+                    if pipe.batcher is None and now >= pipe.retry_at
                 ]
             )
             backlogged = []
@@ -531,12 +537,24 @@ class Receiver:
                 self._transaction(pipe, outbox, encoded),
             )
         except ProducerFenced as exc:
-            # Another receiver owns this VM now; our consumer will be told at the rebalance.
+            # Either another receiver took the VM over, and the rebalance that tells our
+            # consumer is on its way (it drops this pipe), or nobody did (the coordinator
+            # fenced a transaction that outlived its timeout, say) and no rebalance comes:
+            # then the VM opens again once that rebalance would have come.
+            grace = self._fenced_grace_s()
             pipe.fenced = True
             pipe.batcher = None
+            pipe.retry_at = time.monotonic() + grace
             pipe.last_error = f"fenced: {exc}"
             self.metrics.errors.labels(kind="fenced").inc()
-            log.warning("VM %s: producer fenced, another receiver took over: %s", vm_id, exc)
+            log.warning(
+                "VM %s: producer fenced (%s); opening it again in %.0f s unless a rebalance "
+                "hands it to another receiver first",
+                vm_id,
+                exc,
+                grace,
+            )
+            await pipe.renew_producer(self._new_producer(pipe.vm))
             return
         except (KafkaError, TimeoutError, JournalError) as exc:
             kind = "encode" if isinstance(exc, JournalError) else "transaction"
