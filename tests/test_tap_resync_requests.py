@@ -13,16 +13,20 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from tap_helpers import (
     DiskSpec,
+    HeldTopic,
     MiB,
     assert_replay_equals_source,
     caught_up,
+    held_tap,
     replay_onto_files,
     running_tap,
+    source_disk,
     tap_settings,
     wait_until,
     write_plan,
 )
 
+from datapath.journal import MarkerKind, decode_frame
 from datapath.kafka import KafkaClusterSettings, KafkaMetrics, Producer
 from datapath.protection import load_protection_plan
 from datapath.provisioning import ensure_plan_topics
@@ -127,13 +131,16 @@ async def test_a_resync_request_starts_a_full_sync_now_and_after_a_restart(
             await request_full_sync()
 
         vm.request_full_sync = refused_once  # type: ignore[method-assign]
+        # As after a sequence regression: an older epoch's stale frames reused numbers
+        # this session has not reached yet. The full sync must be numbered past them.
+        reused = vm.last_seq_assigned + 500
         offsets = await publish(
             source_cluster,
             [
                 event(f"{vm_id}-other"),
                 event(vm_id, kind="resync_abandoned"),
                 b"not an event",
-                event(vm_id),
+                event(vm_id, reason="sequence_regression", last_seq=reused),
             ],
         )
         await wait_until(lambda: vm.status()["resync_requests"] == 1, "the request acted on")
@@ -172,5 +179,26 @@ async def test_a_resync_request_starts_a_full_sync_now_and_after_a_restart(
     assert_replay_equals_source(result, [(disks[0].path, replays[0])])
     assert not result.gaps
     assert len(result.resyncs_completed) == 3  # the first protection's, and one per request
+    assert result.resyncs_started[1] > reused + 1  # its RESYNC_START's number
     # Each one a full sync: every byte of the disk travelled three times.
     assert result.bytes["SYNC_BLOCK"] == 3 * disks[0].size
+
+
+async def test_the_tap_numbers_past_a_reused_range_before_its_full_sync(tmp_path: Path) -> None:
+    # After a sequence regression the receiver drops what is numbered up to one past the
+    # range an older epoch reused; a full sync numbered in it would be lost with it. The
+    # tap moves its numbering past it with HEARTBEAT markers, one after the other.
+    source, topic = source_disk(tmp_path, os.urandom(MiB)), HeldTopic()
+    async with held_tap(tmp_path, source, MiB, topic) as tap:
+        start = tap.last_seq_assigned
+        await tap.number_past(start + 3000)
+        assert tap.last_seq_assigned == start + 3000
+        await tap.number_past(start + 10)  # past it already: nothing more
+        assert tap.last_seq_assigned == start + 3000
+        await tap.number_past(start + 10**7)  # no tap gave such a number: refused
+        assert tap.last_seq_assigned == start + 3000
+        await wait_until(lambda: tap.last_seq_acked == start + 3000, "the markers acknowledged")
+    records = [r for frame in map(decode_frame, topic.frames) for r in frame.records]
+    filled = [r for r in records if start < r.seq <= start + 3000]
+    assert [r.seq for r in filled] == list(range(start + 1, start + 3001))
+    assert {r.marker for r in filled} == {MarkerKind.HEARTBEAT}

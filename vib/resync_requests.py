@@ -207,13 +207,17 @@ class ResyncRequestFollower:
         """Starts a full sync; the number from which it surely covers the VM: every record
         numbered from now on comes after the last one Kafka acknowledged (a new session
         continues after the topic's last record), and so does its RESYNC_START."""
-        covered_from = tap.last_seq_acked + 1
         log.warning(
             "VM %s: the receiver asks for a resync (%s: %s); starting a full sync",
             tap.vm_id,
             request.reason,
             request.detail,
         )
+        if request.last_seq is not None:
+            # After a regression the receiver drops what is numbered up to one past the
+            # reused range: the full sync must be numbered after that.
+            await tap.number_past(request.last_seq + 1)
+        covered_from = tap.last_seq_acked + 1
         await tap.request_full_sync()
         tap.stats.resync_requests += 1
         return covered_from

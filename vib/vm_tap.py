@@ -74,6 +74,10 @@ _TRIM = RecordKind.TRIM
 _FLUSH = RecordKind.FLUSH
 _MARKER = RecordKind.MARKER
 _HOUSEKEEPING_TICK_S = 0.25
+# `number_past`: markers appended between two yields to the event loop, and the most it
+# appends in all (about 52 MB of them): a larger jump is a number no tap gave.
+_FILL_BATCH = 1024
+_FILL_MAX = 1_000_000
 _MAX_RANGE_PIECE = 256 << 20
 
 
@@ -819,6 +823,34 @@ class VmTap:
         if any(disk.bitmap.any() for disk in self.disks):
             self._start_resync(session)
         self._wake_progress()
+
+    async def number_past(self, seq: int) -> None:
+        """Returns once the next record's number is above `seq`, hurrying it with HEARTBEAT
+        markers while publishing outside a resync bracket (inside one, the resync moves it
+        on). A sequence regression makes the receiver drop this VM's records up to one past
+        the numbers an older epoch reused: a full sync numbered among them would be lost
+        with them (vib/resync_requests.py). Without a session it returns at once: the
+        next one numbers after the topic's last record, past those."""
+        if seq - self._next_seq >= _FILL_MAX:
+            log.error(
+                "VM %s: asked to number past %d, but the next number is %d: not filling",
+                self.vm_id,
+                seq,
+                self._next_seq,
+            )
+            return
+        while self._next_seq <= seq:
+            session = self.publishing
+            if session is None or not session.active or self._stopping:
+                return
+            if self._session is not session or self.bracket_open:
+                await self._progress(0.5)  # draining after an overflow, or a resync running
+                continue
+            for _ in range(min(_FILL_BATCH, seq + 1 - self._next_seq)):
+                self.emit(session, _MARKER, 0, 0, 0, marker=MarkerKind.HEARTBEAT)
+                if self._session is not session:
+                    break  # overflowed
+            await asyncio.sleep(0)
 
     async def wait_for_room(self, session: PublishSession, limit: int) -> bool:
         """Waits until the session buffers less than `limit` bytes; False if it ended."""
