@@ -235,6 +235,8 @@ async def test_applier_never_applies_past_a_gap_and_asks_for_a_resync(
             report = await _status_report(target_cluster, vm_id, status_end)
             assert report["health"] == "needs-resync" and report["event"] == "needs-resync"
             assert report["applied_seq"] == last_good and report["wants"] == "full-resync"
+            # The batch it stopped at ends there: a full sync numbered after it repairs it.
+            assert report["last_seq"] == after[0].last_seq
             # More writes keep arriving; none is applied while the hole is there.
             await writer.send(vm.batch(vm.ops(8)))
             await wait_until(lambda: applier._caught_up(), what="read to the end")

@@ -220,10 +220,14 @@ def _settled_applied_seq(
     return int(seq)
 
 
-def _receiver_gaps(http: httpx.Client, endpoints: Endpoints, vm_id: str) -> float:
-    """The receiver's count of sequence gaps of the VM (0 before the first)."""
-    text = http.get(f"{endpoints.services['receiver']}/metrics").text
-    prefix = f'datamover_receiver_sequence_gaps_total{{vm="{vm_id}"}} '
+def _gaps(http: httpx.Client, endpoints: Endpoints, service: str, vm_id: str) -> float:
+    """The receiver's or the applier's count of sequence gaps of the VM (0 before one)."""
+    text = http.get(f"{endpoints.services[service]}/metrics").text
+    name, labels = {
+        "receiver": ("datamover_receiver_sequence_gaps_total", f'vm="{vm_id}"'),
+        "applier": ("datamover_applier_gaps_total", f'reason="gap",vm="{vm_id}"'),
+    }[service]
+    prefix = f"{name}{{{labels}}} "
     return sum(float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix))
 
 
@@ -252,7 +256,7 @@ def test_records_lost_before_the_receiver_read_them_are_repaired_by_a_full_sync_
     with httpx.Client(timeout=30.0) as http:
         wait_drained(http, endpoints, vm_id, timeout=240)
         requests_before = replication_positions(http, endpoints, vm_id)[0]["resync_requests"]
-        gaps_before = _receiver_gaps(http, endpoints, vm_id)
+        gaps_before = _gaps(http, endpoints, "receiver", vm_id)
         os.kill(receiver.pid, signal.SIGSTOP)
         try:
             _run(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 8M 3M", export])
@@ -276,7 +280,52 @@ def test_records_lost_before_the_receiver_read_them_are_repaired_by_a_full_sync_
             "the tap to act on the receiver's resync request",
             timeout=120,
         )
-        assert _receiver_gaps(http, endpoints, vm_id) > gaps_before
+        assert _gaps(http, endpoints, "receiver", vm_id) > gaps_before
+    http = _drain_and_pause(chain, vm_id)
+    try:
+        _run(["qemu-img", "compare", "-f", "raw", "-F", "raw", source, target])
+        assert _applier_vm(http, endpoints, vm_id)["health"] == "ok"
+    finally:
+        _resume(chain, vm_id, http)
+
+
+def test_batches_lost_before_the_transceiver_copied_them_are_repaired_on_its_own(
+    chain: tuple[LocalDeployment, Endpoints], source_cluster: KafkaClusterSettings
+) -> None:
+    """Guarantee 3 when the source batch topic lost batches (a retention shorter than an
+    outage of the WAN): only the applier sees the gap; its report on the target site's
+    status topic makes the tap start a full sync, and the target equals the source."""
+    deployment, endpoints = chain
+    vm_id, export, source, target = _disk(chain)
+    transceiver = next(s.process for s in deployment.services if s.name == "transceiver")
+    assert transceiver is not None
+    with httpx.Client(timeout=30.0) as http:
+        wait_drained(http, endpoints, vm_id, timeout=240)
+        requests_before = replication_positions(http, endpoints, vm_id)[0]["resync_requests"]
+        gaps_before = _gaps(http, endpoints, "applier", vm_id)
+
+        def batched() -> bool:
+            tap_vm = replication_positions(http, endpoints, vm_id)[0]
+            receiver = http.get(f"{endpoints.services['receiver']}/status").json()
+            committed = receiver["vms"][vm_id]["last_committed_seq"] or 0
+            return bool(committed >= tap_vm["last_seq_assigned"])
+
+        os.kill(transceiver.pid, signal.SIGSTOP)
+        try:
+            _run(["qemu-io", "-f", "raw", "-c", "write -P 0xa5 20M 2M", export])
+            _wait_for(batched, "the receiver to batch the writes")
+            asyncio.run(_delete_all_records(source_cluster, topic_name(Stream.BATCH, vm_id)))
+        finally:
+            os.kill(transceiver.pid, signal.SIGCONT)
+        _wait_for(
+            lambda: (
+                replication_positions(http, endpoints, vm_id)[0]["resync_requests"]
+                > requests_before
+            ),
+            "the tap to act on the applier's report",
+            timeout=120,
+        )
+        assert _gaps(http, endpoints, "applier", vm_id) > gaps_before
     http = _drain_and_pause(chain, vm_id)
     try:
         _run(["qemu-img", "compare", "-f", "raw", "-F", "raw", source, target])

@@ -1,7 +1,7 @@
-"""The tap acts on the receiver's resync requests (vib/resync_requests.py): a request for a
-VM it serves starts a full sync of it, at once or, published while the tap was down, at
-its next start; other events, other VMs' requests and requests already acted on start
-nothing."""
+"""The tap acts on the resync requests of the receiver and the applier
+(vib/resync_requests.py): a request for a VM it serves starts a full sync of it, at once
+or, published while the tap was down, at its next start; other events, other VMs'
+requests and requests already answered start nothing."""
 
 from __future__ import annotations
 
@@ -51,6 +51,13 @@ def event(
     return json.dumps(body).encode()
 
 
+def applier_report(vm_id: str, last_seq: int | None, event_name: str = "needs-resync") -> bytes:
+    """An applier's report (docs/applier.md, "Status reports")."""
+    body = {"service": "applier", "event": event_name, "vm_id": vm_id, "health": "x"}
+    body.update(reason="gap: seq 25..32 missing", wants="full-resync", last_seq=last_seq)
+    return json.dumps(body).encode()
+
+
 async def publish(cluster: KafkaClusterSettings, values: list[bytes]) -> list[int]:
     """Publishes status messages (each under a key of its own); their offsets."""
     async with Producer(cluster) as producer:
@@ -68,6 +75,10 @@ def test_a_request_is_told_from_other_events_and_from_what_is_not_an_event() -> 
     assert parse_resync_request(event("vm1", reason="corrupt_record")) == ResyncRequest(
         "vm1", "corrupt_record", "a corrupt_record in a test", None
     )
+    assert parse_resync_request(applier_report("vm1", 32)) == ResyncRequest(
+        "vm1", "applier_needs_resync", "gap: seq 25..32 missing", 32
+    )
+    assert parse_resync_request(applier_report("vm1", None, "resync-applied")) is None
     for value in (
         event("vm1", kind="resync_abandoned"),
         None,  # a tombstone
@@ -148,13 +159,13 @@ async def test_a_resync_request_starts_a_full_sync_now_and_after_a_restart(
             lambda: caught_up(vm.status()) and vm.stats.resyncs_completed == 2,
             "the full sync it started",
         )
-        position = vm.state.resync_requests
-        assert position is not None and position[0] == offsets[-1] + 1
-        # A second report of a hole before that full sync's start starts nothing.
-        [again] = await publish(source_cluster, [event(vm_id, last_seq=position[1] - 1)])
-        await wait_until(
-            lambda: vm.state.resync_requests == (again + 1, position[1]), "the report read"
-        )
+        assert vm.state.resync_offset("source") == offsets[-1] + 1
+        covered_from = vm.state.resync_covered_from
+        assert covered_from > reused + 1
+        # A second report of a hole before that full sync's start starts nothing: here,
+        # the applier's, repeated at each of its starts while it waits.
+        [again] = await publish(source_cluster, [applier_report(vm_id, covered_from - 1)])
+        await wait_until(lambda: vm.state.resync_offset("source") == again + 1, "the report read")
         assert vm.stats.resync_requests == 1 and not vm.full_sync_pending
         assert not refusals
         failures = worker.registry.get_sample_value("datamover_tap_resync_request_failures_total")
@@ -168,8 +179,7 @@ async def test_a_resync_request_starts_a_full_sync_now_and_after_a_restart(
             lambda: caught_up(vm.status()) and vm.stats.resyncs_completed == 1,
             "the full sync it started",
         )
-        position = vm.state.resync_requests
-        assert position is not None and position[0] == offset + 1
+        assert vm.state.resync_offset("source") == offset + 1
         metrics = worker.registry.get_sample_value(
             "datamover_tap_resync_requests_total", {"vm": vm_id}
         )

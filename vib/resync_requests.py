@@ -1,21 +1,26 @@
-"""The tap's answer to the receiver's resync requests.
+"""The tap's answer to the resync requests of the receiver and the applier.
 
 What the receiver cannot batch (a sequence gap, a corrupt tap message, a sequence
 regression: see docs/receiver.md) it reports as a `resync_request` event on the source
 site's status topic, and the applier stops that VM at the hole until a full resync
-repairs its disks. Nothing else acts on those events until the control plane exists, so
-the tap does (setting `act_on_resync_requests`, on by default): a request for a VM it
-serves starts a full sync of that VM (`VmTap.request_full_sync`), one resync bracket that
-the applier applies as one unit past the hole. Requests read in one fetch for the same VM
-(one incident often yields a gap and a regression together) start one full sync, and a
-request for a range that the last full sync started already covers starts none (see
-`Position`).
+repairs its disks. What only the applier finds (batches lost to retention before the
+transceiver copied them, a corrupt batch on the target site) it reports as a
+`needs-resync` report on its own site's status topic (docs/applier.md). Nothing else acts
+on those until the control plane exists, so the tap does (setting
+`act_on_resync_requests`, on by default): it follows the status topic of both sites, and
+a request for a VM it serves starts a full sync of that VM (`VmTap.request_full_sync`),
+one resync bracket that the applier applies as one unit past the hole. Requests read in
+one fetch for the same VM (one incident often yields a gap and a regression together)
+start one full sync, and a request for a range that the last full sync started already
+covers starts none (see `Position`): the applier repeats its report at every start while
+it waits.
 
-Each VM's state directory keeps its `Position` (`TapState.resync_requests`): a restarted
-tap acts on the requests published while it was down, and on none twice (a crash between
-starting the full sync and saving the position acts on it once more: a second full sync,
-harmless). A VM seen for the first time starts at the topic's end: older events are about
-an earlier protection of the same id.
+Each VM's state directory keeps, per site, the offset after the last request read, and
+the number from which its last full sync covers it (`TapState.resync_offset`,
+`TapState.resync_covered_from`): a restarted tap acts on the requests published while it
+was down, and on none twice (a crash between starting the full sync and saving acts on
+it once more: a second full sync, harmless). A VM seen for the first time starts at the
+topic's end: older events are about an earlier protection of the same id.
 """
 
 from __future__ import annotations
@@ -72,19 +77,20 @@ def parse_resync_request(value: bytes | None) -> ResyncRequest | None:
     except ValueError as exc:  # bad JSON or bad UTF-8
         log.warning("skipping a status message that is not JSON: %s", exc)
         return None
-    if not isinstance(event, dict) or event.get("type") != "resync_request":
+    if not isinstance(event, dict):
+        return None
+    if event.get("type") == "resync_request":  # the receiver's
+        reason, detail = str(event.get("reason", "unknown")), str(event.get("detail", ""))
+    elif event.get("service") == "applier" and event.get("event") == "needs-resync":
+        reason, detail = "applier_needs_resync", str(event.get("reason", ""))
+    else:
         return None
     vm_id = event.get("vm_id")
     if not isinstance(vm_id, str):
         log.warning("skipping a resync request without a VM id: %.200r", event)
         return None
     last_seq = event.get("last_seq")
-    return ResyncRequest(
-        vm_id,
-        str(event.get("reason", "unknown")),
-        str(event.get("detail", "")),
-        last_seq if type(last_seq) is int else None,
-    )
+    return ResyncRequest(vm_id, reason, detail, last_seq if type(last_seq) is int else None)
 
 
 def requests_to_act_on(
@@ -112,11 +118,12 @@ def requests_to_act_on(
 
 
 class ResyncRequestFollower:
-    """Follows the source site's status topic for the VMs of `taps` (see the module)."""
+    """Follows one site's status topic for the VMs of `taps` (see the module)."""
 
     def __init__(
         self,
         cluster: KafkaClusterSettings,
+        site: str,
         taps: Mapping[str, VmTap],
         *,
         request_timeout_s: float,
@@ -124,6 +131,7 @@ class ResyncRequestFollower:
         failures: Counter,
     ) -> None:
         self._cluster = cluster
+        self.site = site
         self._taps = taps
         self._request_timeout_ms = int(request_timeout_s * 1000)
         self._retry_s = retry_s
@@ -136,7 +144,7 @@ class ResyncRequestFollower:
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(
-            self._run(), name="resync-request-follower"
+            self._run(), name=f"resync-requests-{self.site}"
         )
 
     async def stop(self) -> None:
@@ -151,13 +159,13 @@ class ResyncRequestFollower:
             try:
                 await self._follow()
             except KafkaError as exc:
-                # The topic appears when a receiver (or the control plane) creates it: not
-                # worth a warning until a few tries have failed.
+                # The topic appears when a receiver, an applier (or the control plane)
+                # creates it: not worth a warning until a few tries have failed.
                 self._failed(
                     logging.WARNING if self._failures_in_a_row >= 2 else logging.DEBUG,
-                    f"cannot read resync requests from {self.topic}: {exc}",
+                    f"cannot read resync requests from {self.topic} ({self.site} site): {exc}",
                 )
-            except OSError as exc:  # a full sync's flag or the offset could not be saved
+            except OSError as exc:  # a full sync's flag or a position could not be saved
                 self._failed(logging.ERROR, f"cannot act on a resync request: {exc}")
             await asyncio.sleep(
                 backoff_delay(self._retry_s, self._failures_in_a_row, maximum=_RETRY_MAX_S)
@@ -172,7 +180,7 @@ class ResyncRequestFollower:
         partition = TopicPartition(self.topic, 0)
         consumer = Consumer(
             self._cluster,
-            client_id="dm-tap-resync-requests",
+            client_id=f"dm-tap-resync-requests-{self.site}",
             request_timeout_ms=self._request_timeout_ms,
             fetch_max_wait_ms=_FETCH_WAIT_MS,
             max_partition_fetch_bytes=1 << 20,
@@ -181,34 +189,38 @@ class ResyncRequestFollower:
         async with consumer:
             consumer.assign([partition])
             end = (await consumer.end_offsets([partition]))[partition]
-            positions: dict[str, Position] = {}
+            offsets: dict[str, int] = {}
             for vm_id, tap in self._taps.items():
-                saved = tap.state.resync_requests
+                saved = tap.state.resync_offset(self.site)
                 if saved is None:
-                    saved = (end, 0)
-                    await asyncio.to_thread(tap.state.save_resync_requests, *saved)
-                positions[vm_id] = Position(*saved)
-            consumer.seek(partition, min((p.offset for p in positions.values()), default=end))
+                    await asyncio.to_thread(tap.state.save_resync_offset, self.site, end)
+                    saved = end
+                offsets[vm_id] = saved
+            consumer.seek(partition, min(offsets.values(), default=end))
             self._failures_in_a_row = 0
             while True:
                 fetched = await consumer.getmany(partition, timeout_ms=_FETCH_WAIT_MS * 2)
-                records = ((r.offset, r.value) for r in fetched.get(partition, ()))
+                records = [(r.offset, r.value) for r in fetched.get(partition, ())]
+                if not records:
+                    continue
+                positions = {
+                    vm_id: Position(offset, self._taps[vm_id].state.resync_covered_from)
+                    for vm_id, offset in offsets.items()
+                }
                 for vm_id, (after, request) in requests_to_act_on(records, positions).items():
                     tap = self._taps[vm_id]
-                    covered_from = positions[vm_id].covered_from
                     if request is not None:
                         covered_from = await self._act(tap, request)
-                    position = positions[vm_id] = Position(after, covered_from)
-                    await asyncio.to_thread(
-                        tap.state.save_resync_requests, position.offset, position.covered_from
-                    )
+                        await asyncio.to_thread(tap.state.save_resync_covered_from, covered_from)
+                    offsets[vm_id] = after
+                    await asyncio.to_thread(tap.state.save_resync_offset, self.site, after)
 
     async def _act(self, tap: VmTap, request: ResyncRequest) -> int:
         """Starts a full sync; the number from which it surely covers the VM: every record
         numbered from now on comes after the last one Kafka acknowledged (a new session
         continues after the topic's last record), and so does its RESYNC_START."""
         log.warning(
-            "VM %s: the receiver asks for a resync (%s: %s); starting a full sync",
+            "VM %s: a resync is asked for (%s: %s); starting a full sync",
             tap.vm_id,
             request.reason,
             request.detail,

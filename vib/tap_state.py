@@ -6,8 +6,8 @@
   told from newer ones;
 - `last_seq`: the last sequence number Kafka acknowledged, written lazily; only used
   when the tap topic holds no frame to continue from (e.g. everything expired);
-- `resync_requests`: where the tap stands in the source site's status topic: the offset
-  after the last resync request read, and the sequence number from which the last full
+- `resync_offset.<site>`: the offset of that site's status topic after the last resync
+  request read, and `resync_covered_from`: the sequence number from which the last full
   sync started for one covers the VM (vib/resync_requests.py);
 - `full_sync`: present while a full sync is pending or running: `requested` until every
   bitmap has been marked dirty and made durable, then `marked`. A tap that finds
@@ -92,23 +92,35 @@ class TapState:
         retention has emptied it, this is all there is to go on."""
         _write_durably(self.directory / "last_seq", f"{seq}\n")
 
-    @property
-    def resync_requests(self) -> tuple[int, int] | None:
-        """(offset, covered_from), see the module's docstring; None: never read. An
+    def resync_offset(self, site: str) -> int | None:
+        """Where to read `site`'s resync requests from (None: never read there). An
         unreadable file counts as none, loudly, like `last_seq`."""
-        path = self.directory / "resync_requests"
+        path = self.directory / f"resync_offset.{site}"
+        if not path.exists():
+            return None
         try:
-            offset, covered_from = map(int, path.read_text().split())
-        except FileNotFoundError:
-            return None
+            return _read_int(path)
         except (ValueError, OSError) as exc:
-            log.error("the saved resync request position is unreadable, ignoring it: %s", exc)
+            log.error("%s is unreadable, ignoring it: %s", path, exc)
             return None
-        return offset, covered_from
 
-    def save_resync_requests(self, offset: int, covered_from: int) -> None:
+    def save_resync_offset(self, site: str, offset: int) -> None:
         """Made durable (run it off the event loop)."""
-        _write_durably(self.directory / "resync_requests", f"{offset} {covered_from}\n")
+        _write_durably(self.directory / f"resync_offset.{site}", f"{offset}\n")
+
+    @property
+    def resync_covered_from(self) -> int:
+        """The number from which the last full sync started for a resync request covers
+        the VM (0: none). An unreadable file counts as 0, loudly."""
+        try:
+            return _read_int(self.directory / "resync_covered_from")
+        except (ValueError, OSError) as exc:
+            log.error("the resync request cover is unreadable, ignoring it: %s", exc)
+            return 0
+
+    def save_resync_covered_from(self, seq: int) -> None:
+        """Made durable (run it off the event loop)."""
+        _write_durably(self.directory / "resync_covered_from", f"{seq}\n")
 
     @property
     def full_sync(self) -> str | None:

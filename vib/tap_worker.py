@@ -33,7 +33,7 @@ class TapWorker:
         self.exports: dict[str, Export] = {}
         self.nbd_server: NbdServer | None = None
         self.nbd_port: int | None = None
-        self.resync_requests: ResyncRequestFollower | None = None
+        self.resync_requests: list[ResyncRequestFollower] = []
         self._ready = False
 
     async def start(self) -> None:
@@ -53,15 +53,20 @@ class TapWorker:
             if settings.nbd_unix_socket is not None:
                 await server.serve_unix(str(settings.nbd_unix_socket))
             if settings.act_on_resync_requests and self.taps:
-                follower = ResyncRequestFollower(
-                    plan.sites.source.kafka,
-                    self.taps,
-                    request_timeout_s=settings.kafka_request_timeout_s,
-                    retry_s=settings.reconnect_interval_s,
-                    failures=self.metrics.resync_request_failures,
-                )
-                follower.start()
-                self.resync_requests = follower
+                sites = {"source": plan.sites.source.kafka, "target": plan.sites.target.kafka}
+                if sites["target"].bootstrap_servers == sites["source"].bootstrap_servers:
+                    del sites["target"]  # one cluster for both (a test, a demo): read once
+                for site, cluster in sites.items():
+                    follower = ResyncRequestFollower(
+                        cluster,
+                        site,
+                        self.taps,
+                        request_timeout_s=settings.kafka_request_timeout_s,
+                        retry_s=settings.reconnect_interval_s,
+                        failures=self.metrics.resync_request_failures,
+                    )
+                    follower.start()
+                    self.resync_requests.append(follower)
         except BaseException:
             await self.stop()
             raise
@@ -87,9 +92,9 @@ class TapWorker:
 
     async def stop(self) -> None:
         self._ready = False
-        if self.resync_requests is not None:
-            await self.resync_requests.stop()
-            self.resync_requests = None
+        for follower in self.resync_requests:
+            await follower.stop()
+        self.resync_requests.clear()
         # Guests first: requests in progress finish, then the taps drain and close.
         if self.nbd_server is not None:
             await self.nbd_server.close()

@@ -493,6 +493,7 @@ class VmApplier:
                 self._describe(verdict, batch, cursor),
                 item.start_offset,
                 seen_ts_ns=batch.min_ts_ns,
+                seen_last_seq=batch.last_seq,
             )
             cursor, epoch = self.state.applied_seq, self.state.epoch
         await self._apply_unit(unit)
@@ -774,9 +775,12 @@ class VmApplier:
         *,
         keep_intent: bool = False,
         seen_ts_ns: int | None = None,
+        seen_last_seq: int | None = None,
     ) -> None:
         """seen_ts_ns: the source time of the oldest write seen and not applied (the
-        RPO counts from it when nothing was ever applied)."""
+        RPO counts from it when nothing was ever applied); seen_last_seq: the last sequence
+        number of the batch the VM stopped at, when it could be read (the report gives
+        it: a resync numbered after it repairs the VM, see vib/resync_requests.py)."""
         log.error("VM %s stops: %s: %s; a resync is needed", self.vm_id, reason, detail)
         self.metrics.gaps.labels(vm=self.vm_id, reason=reason).inc()
         self._bracket = None
@@ -789,6 +793,7 @@ class VmApplier:
                 extra={
                     "resync_after_offset": offset,
                     "problem": reason,
+                    "problem_last_seq": seen_last_seq,
                     "missing_since_ns": missing_since or time.time_ns(),
                 },
             )
@@ -941,6 +946,7 @@ class VmApplier:
         }
         if event == "needs-resync":
             report["wants"] = "full-resync"
+            report["last_seq"] = self.state.extra.get("problem_last_seq")
         task = asyncio.create_task(sink.publish(self.vm_id, report))
         self._reports.add(task)
         task.add_done_callback(self._report_done)
