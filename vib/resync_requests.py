@@ -60,8 +60,9 @@ class Position:
     """Where one VM stands: the status topic offset after the last request read, and the
     sequence number from which the last full sync started for a request is sure to cover
     the VM (its RESYNC_START comes later): a request whose range ends before that number
-    is answered already (the receiver may report one hole twice: a quarantined message,
-    then the gap it leaves)."""
+    is answered already (one hole may be reported again: by the receiver, a quarantined
+    message and then the gap it leaves; by the applier, at each of its starts while it
+    waits). A request without a range (an unreadable message or batch) is always acted on."""
 
     offset: int
     covered_from: int = 0
