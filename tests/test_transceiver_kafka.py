@@ -162,9 +162,15 @@ async def test_records_retention_removes_before_they_are_copied_are_counted_as_l
             assert status["copied_messages"] + lost._value.get() == 11, status
 
 
+@pytest.mark.parametrize("fresh_count", [2, 7])
 async def test_a_recreated_source_topic_is_copied_from_its_start(
-    source_cluster: KafkaClusterSettings, target_cluster: KafkaClusterSettings, tmp_path: Path
+    source_cluster: KafkaClusterSettings,
+    target_cluster: KafkaClusterSettings,
+    tmp_path: Path,
+    fresh_count: int,
 ) -> None:
+    # The new topic holds fewer messages than the old one had been copied up to (its end
+    # is before that offset), or more (only its id tells it from the old one).
     vm, plan = await one_vm(source_cluster, target_cluster, tmp_path)
     topic = topic_name(Stream.BATCH, vm)
     async with Producer(source_cluster) as producer:
@@ -179,18 +185,18 @@ async def test_a_recreated_source_topic_is_copied_from_its_start(
     async with Admin(source_cluster) as admin:
         await admin.delete_topics([topic])
     await wait_until_recreated(source_cluster, vm)
-    fresh = [os.urandom(100) for _ in range(2)]
+    fresh = [os.urandom(100) for _ in range(fresh_count)]
     async with Producer(source_cluster) as producer:
         for value in fresh:
             await producer.send_and_wait(topic, value, partition=0)
     async with running(plan, receiver=False) as transceiver:
         await wait_until(
-            lambda: transceiver.status()["vms"][vm]["copied_messages"] == 2,
+            lambda: transceiver.status()["vms"][vm]["copied_messages"] == fresh_count,
             what="the new topic copied",
             limit_s=60,
         )
         assert transceiver.metrics.backlog_lost.labels(vm=vm)._value.get() == 0
-    assert (await read_topic(target_cluster, topic))[-2:] == fresh
+    assert (await read_topic(target_cluster, topic))[-fresh_count:] == fresh
 
 
 async def wait_until_recreated(cluster: KafkaClusterSettings, vm: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
@@ -74,8 +75,11 @@ async def test_throttle_serves_concurrent_callers_in_arrival_order(clock: FakeCl
 
 
 def test_progress_record_round_trips_and_rejects_foreign_values() -> None:
-    progress = CopyProgress("dm.batch.vm1", 0, 42, 4100, 3, "src:9092", 123)
+    progress = CopyProgress("dm.batch.vm1", 0, 42, 4100, 3, "src:9092", 123, "Zx3s9Q")
     assert decode_progress(encode_progress(progress)) == progress
+    # A record of an earlier version, without the source topic's id, still reads.
+    earlier = encode_progress(progress).replace(b',"source_topic_id":"Zx3s9Q"', b"")
+    assert decode_progress(earlier) == dataclasses.replace(progress, source_topic_id=None)
     assert progress_key("dm.batch.vm1", 0) == b"transceiver/dm.batch.vm1/0"
     for bad in (b"", b"{}", b"[1]", b'{"schema": 99}', b"\xff"):
         with pytest.raises(OffsetRecordError):

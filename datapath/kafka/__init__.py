@@ -7,7 +7,7 @@ domain errors of :mod:`datapath.kafka.errors`, and :func:`retrying` is the one p
 decides whether to try again. See docs/kafka.md.
 """
 
-from datapath.kafka.admin import Admin, TopicDescription
+from datapath.kafka.admin import Admin, TopicDescription, topic_id
 from datapath.kafka.consumer import Consumer
 from datapath.kafka.deadline import within
 from datapath.kafka.errors import (
@@ -52,6 +52,7 @@ __all__ = [
     "UnknownTopic",
     "backoff_delay",
     "retrying",
+    "topic_id",
     "translate",
     "within",
 ]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiokafka.errors as driver
+import confluent_kafka as rdkafka
+import confluent_kafka.admin as rdkafka_admin
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.structs import TopicPartition
@@ -35,6 +38,22 @@ class TopicDescription:
 def _error(code: int, message: str | None, subject: str) -> Exception:
     error_class: type[Exception] = driver.for_code(code)
     return error_class(f"{subject}: {message}" if message else subject)
+
+
+async def topic_id(cluster: KafkaClusterSettings, name: str, *, timeout_s: float = 15.0) -> str:
+    """The id Kafka gave the topic when it was created: a topic deleted and created again
+    under the same name has another. Asked through librdkafka's admin client (aiokafka's
+    does not return it); UnknownTopic when there is no such topic."""
+
+    def describe() -> str:
+        client = rdkafka_admin.AdminClient(cluster.rdkafka_config())
+        futures = client.describe_topics(rdkafka.TopicCollection([name]), request_timeout=timeout_s)
+        return str(futures[name].result(timeout=timeout_s).topic_id)
+
+    try:
+        return await asyncio.to_thread(describe)
+    except rdkafka.KafkaException as exc:
+        raise translate(exc) from exc
 
 
 class Admin(AsyncClient):

@@ -32,6 +32,7 @@ from datapath.kafka import (
     KafkaMetrics,
     ProducerFenced,
     TransactionalProducer,
+    topic_id,
     within,
 )
 from datapath.topics import Stream, topic_name
@@ -92,6 +93,7 @@ class VmCopier:
         self._oldest_uncopied_ts_ns: int | None = None
         self._last_copied_ts_ns: int | None = None
         self._source: Consumer | None = None
+        self._source_topic_id: str | None = None
         self._producer: TransactionalProducer | None = None
         self._next_lag_refresh = 0.0
         for gauge in (metrics.lag_records, metrics.lag_bytes, metrics.lag_seconds):
@@ -179,10 +181,28 @@ class VmCopier:
             await producer.start()
             progress = await self._read_progress()
             tp = self.source_partition
+            self._source_topic_id = await topic_id(self.source, tp.topic, timeout_s=timeout)
             begin = (await self._source.beginning_offsets([tp]))[tp]
             end = (await self._source.end_offsets([tp]))[tp]
         start = begin if progress is None else progress.next_offset
-        if start > end:
+        if progress is not None and progress.source_topic_id not in (
+            None,
+            self._source_topic_id,
+        ):
+            # The topic was deleted and created again: its offsets start over, however
+            # many messages it holds by now.
+            log.warning(
+                "VM %s: the source topic %s is not the one copied up to offset %d (its id "
+                "was %s, now %s): copying it from its start, offset %d",
+                self.vm_id,
+                tp.topic,
+                start,
+                progress.source_topic_id,
+                self._source_topic_id,
+                begin,
+            )
+            start = begin
+        elif start > end:
             # Offsets the source never reached: the topic was deleted and created again.
             # Everything it holds now is new to the target.
             log.warning(
@@ -339,6 +359,7 @@ class VmCopier:
             epoch=last.epoch if last else self.epoch,
             source_cluster=self.source.bootstrap_servers,
             ts_ns=time.time_ns(),
+            source_topic_id=self._source_topic_id,
         )
         await within(self.settings.operation_timeout_s, self._transaction(messages, progress))
 

@@ -26,6 +26,9 @@ class CopyProgress:
     epoch: int | None
     source_cluster: str  # bootstrap servers of the source, for operators reading the topic
     ts_ns: int
+    # The source topic's id (datapath.kafka.topic_id): the offsets above are of that topic,
+    # not of one created again under its name. None in records of earlier versions.
+    source_topic_id: str | None = None
 
 
 def progress_key(source_topic: str, partition: int) -> bytes:
