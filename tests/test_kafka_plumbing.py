@@ -205,6 +205,9 @@ def test_unknown_topic_and_fencing_are_fatal_and_domain_errors_pass_through() ->
     assert not issubclass(MessageTooLarge, KafkaUnavailable | KafkaFatal)
     already = KafkaUnavailable("down")
     assert translate(already) is already
+    # confluent-kafka's SystemError after a fatal error (a fenced producer's callback).
+    broken = translate(SystemError("<class 'contextlib.suppress'> returned a result"))
+    assert type(broken) is KafkaFatal and "driver failed" in str(broken)
 
 
 async def test_retrying_retries_only_transient_errors_and_counts_every_retry() -> None:

@@ -15,7 +15,14 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.structs import TopicPartition
 
-from datapath.kafka.errors import DRIVER_ERRORS, KafkaFatal, TopicExists, UnknownTopic, translate
+from datapath.kafka.errors import (
+    DRIVER_ERRORS,
+    RDKAFKA_ERRORS,
+    KafkaFatal,
+    TopicExists,
+    UnknownTopic,
+    translate,
+)
 from datapath.kafka.lifecycle import AsyncClient, start_or_release
 from datapath.kafka.settings import KafkaClusterSettings
 from datapath.topics import TopicSpec
@@ -52,7 +59,7 @@ async def topic_id(cluster: KafkaClusterSettings, name: str, *, timeout_s: float
 
     try:
         return await asyncio.to_thread(describe)
-    except rdkafka.KafkaException as exc:
+    except RDKAFKA_ERRORS as exc:
         raise translate(exc) from exc
 
 

@@ -92,6 +92,10 @@ _UNAVAILABLE = (
 
 
 _RD = rdkafka.KafkaError
+# What a call into confluent-kafka raises for the cluster or the producer: its
+# KafkaException, and SystemError (after a fatal error, a fenced producer's, it runs a
+# delivery callback with that error still set, and the callback's first call fails so).
+RDKAFKA_ERRORS = (rdkafka.KafkaException, SystemError)
 _RD_UNKNOWN_TOPIC = frozenset(
     {_RD._UNKNOWN_TOPIC, _RD.UNKNOWN_TOPIC_OR_PART, _RD._UNKNOWN_PARTITION}
 )
@@ -153,6 +157,8 @@ def translate(exc: BaseException) -> KafkaError:
         if isinstance(cause, rdkafka.KafkaError):
             return _translate_rdkafka(cause)
         return KafkaFatal(str(exc))
+    if isinstance(exc, SystemError):  # see RDKAFKA_ERRORS
+        return KafkaFatal(f"the Kafka driver failed: {exc}")
     detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     if isinstance(exc, _UNKNOWN_TOPIC):
         return UnknownTopic(f"topic or partition does not exist ({detail})")

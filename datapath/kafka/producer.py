@@ -31,6 +31,7 @@ from aiokafka.structs import TopicPartition
 
 from datapath.kafka.errors import (
     RD_PURGED,
+    RDKAFKA_ERRORS,
     KafkaError,
     KafkaFatal,
     KafkaMetrics,
@@ -186,7 +187,7 @@ class Producer(AsyncClient):
         self._loop = asyncio.get_running_loop()
         try:
             producer = rdkafka.Producer(self._driver_config())
-        except rdkafka.KafkaException as exc:
+        except RDKAFKA_ERRORS as exc:
             raise translate(exc) from exc
         self._producer = producer
         # One event per driver: a start after a stop that is still tearing the last one
@@ -245,7 +246,7 @@ class Producer(AsyncClient):
         while not stopping.is_set():
             try:
                 producer.poll(_POLL_S)
-            except rdkafka.KafkaException as exc:
+            except RDKAFKA_ERRORS as exc:
                 # A fatal error (fenced, say) surfaces here too; the calls that depend on
                 # the producer (deliveries, transactions) report it to their callers.
                 log.info("%s: %s", self._config["client.id"], translate(exc))
@@ -264,7 +265,7 @@ class Producer(AsyncClient):
     async def _blocking(self, call: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return await asyncio.to_thread(call, *args, **kwargs)
-        except rdkafka.KafkaException as exc:
+        except RDKAFKA_ERRORS as exc:
             raise translate(exc) from exc
 
     async def send(
@@ -302,7 +303,7 @@ class Producer(AsyncClient):
             except BufferError:
                 await asyncio.sleep(_QUEUE_FULL_WAIT_S)
                 continue
-            except rdkafka.KafkaException as exc:
+            except RDKAFKA_ERRORS as exc:
                 raise translate(exc) from exc
             self._unacked += 1
             return Delivery(future)
@@ -463,7 +464,7 @@ class TransactionalProducer(Producer):
         producer = self.driver
         try:
             producer.begin_transaction()
-        except rdkafka.KafkaException as exc:
+        except RDKAFKA_ERRORS as exc:
             raise translate(exc) from exc
         self._pending_offsets, self._pending_group = {}, None
         self._failed_delivery = None
