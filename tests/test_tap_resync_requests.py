@@ -69,9 +69,10 @@ async def publish(cluster: KafkaClusterSettings, values: list[bytes]) -> list[in
 
 
 def test_a_request_is_told_from_other_events_and_from_what_is_not_an_event() -> None:
+    # After a regression the receiver drops one record more than the reused range.
     assert parse_resync_request(
         event("vm1", reason="sequence_regression", last_seq=41)
-    ) == ResyncRequest("vm1", "sequence_regression", "a sequence_regression in a test", 41)
+    ) == ResyncRequest("vm1", "sequence_regression", "a sequence_regression in a test", 42)
     assert parse_resync_request(event("vm1", reason="corrupt_record")) == ResyncRequest(
         "vm1", "corrupt_record", "a corrupt_record in a test", None
     )
@@ -79,6 +80,7 @@ def test_a_request_is_told_from_other_events_and_from_what_is_not_an_event() -> 
         "vm1", "applier_needs_resync", "gap: seq 25..32 missing", 32
     )
     assert parse_resync_request(applier_report("vm1", None, "resync-applied")) is None
+    assert parse_resync_request(b"[" * 100_000) is None  # nested deeper than json can go
     for value in (
         event("vm1", kind="resync_abandoned"),
         None,  # a tombstone
@@ -104,6 +106,20 @@ def test_only_requests_at_or_after_a_vms_offset_count_and_one_full_sync_answers_
     first = chosen["a"][1]
     assert first is not None and first.reason == "corrupt_record"
     assert requests_to_act_on(records, {"a": Position(15), "c": Position(17)}) == {}
+
+
+def test_one_full_sync_numbered_past_every_range_answers_a_fetch() -> None:
+    # A gap and a regression read together: the full sync must be numbered past the
+    # regression's range, however they are ordered.
+    records = [
+        (0, event("a", last_seq=100)),
+        (1, event("a", reason="corrupt_record")),  # no range
+        (2, event("a", reason="sequence_regression", last_seq=5000)),
+        (3, event("a", last_seq=200)),
+    ]
+    after, request = requests_to_act_on(records, {"a": Position(0)})["a"]
+    assert after == 4 and request is not None
+    assert (request.reason, request.last_seq) == ("sequence_gap", 5001)
 
 
 def test_a_request_for_a_range_the_last_full_sync_covers_starts_none() -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 from collections.abc import Iterable, Mapping
@@ -50,8 +51,8 @@ class ResyncRequest:
     vm_id: str
     reason: str
     detail: str
-    # The last sequence number of the missing or unusable range (None: not known, a
-    # corrupt message whose header is unreadable).
+    # The last sequence number the hole may hold (None: not known, a corrupt message or
+    # batch that could not be read): a full sync numbered after it repairs the VM.
     last_seq: int | None = None
 
 
@@ -75,8 +76,8 @@ def parse_resync_request(value: bytes | None) -> ResyncRequest | None:
         return None
     try:
         event = json.loads(value)
-    except ValueError as exc:  # bad JSON or bad UTF-8
-        log.warning("skipping a status message that is not JSON: %s", exc)
+    except (ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8, nested too deep
+        log.warning("skipping a status message that is not JSON: %.200s", exc)
         return None
     if not isinstance(event, dict):
         return None
@@ -91,16 +92,22 @@ def parse_resync_request(value: bytes | None) -> ResyncRequest | None:
         log.warning("skipping a resync request without a VM id: %.200r", event)
         return None
     last_seq = event.get("last_seq")
-    return ResyncRequest(vm_id, reason, detail, last_seq if type(last_seq) is int else None)
+    if type(last_seq) is not int:
+        last_seq = None
+    elif reason == "sequence_regression":
+        # The receiver drops one record more: the first past the reused numbers.
+        last_seq += 1
+    return ResyncRequest(vm_id, reason, detail, last_seq)
 
 
 def requests_to_act_on(
     records: Iterable[tuple[int, bytes | None]], positions: Mapping[str, Position]
 ) -> dict[str, tuple[int, ResyncRequest | None]]:
     """Status messages (offset, value) read in order: for each VM of `positions` with
-    resync requests at or after its offset, the offset after the last of them, and the
-    first of them that its last full sync does not cover (None: it covers them all). One
-    full sync answers every request read with it."""
+    resync requests at or after its offset, the offset after the last of them, and what
+    its last full sync does not cover (None: it covers them all): the first such request,
+    with the largest `last_seq` known of them all, since one full sync, numbered after
+    that, answers them all."""
     chosen: dict[str, tuple[int, ResyncRequest | None]] = {}
     for offset, value in records:
         request = parse_resync_request(value)
@@ -110,12 +117,22 @@ def requests_to_act_on(
         if position is None or offset < position.offset:
             continue
         uncovered = chosen.get(request.vm_id, (0, None))[1]
-        if uncovered is None and (
-            request.last_seq is None or request.last_seq >= position.covered_from
-        ):
-            uncovered = request
+        if request.last_seq is None or request.last_seq >= position.covered_from:
+            if uncovered is None:
+                uncovered = request
+            elif request.last_seq is not None:
+                known = [n for n in (uncovered.last_seq, request.last_seq) if n is not None]
+                uncovered = dataclasses.replace(uncovered, last_seq=max(known))
         chosen[request.vm_id] = (offset + 1, uncovered)
     return chosen
+
+
+def _cover(tap: VmTap) -> int:
+    """The VM's saved cover, while it holds: numbers that went back below it (a topic that
+    retention emptied, a host that crashed before saving its last number) mean that the
+    full sync it stands for may be gone with them."""
+    covered_from = tap.state.resync_covered_from
+    return covered_from if tap.last_seq_acked + 1 >= covered_from else 0
 
 
 class ResyncRequestFollower:
@@ -168,6 +185,12 @@ class ResyncRequestFollower:
                 )
             except OSError as exc:  # a full sync's flag or a position could not be saved
                 self._failed(logging.ERROR, f"cannot act on a resync request: {exc}")
+            except Exception as exc:
+                # A defect, not a state of the cluster: logged with its traceback, counted,
+                # tried again after the backoff like the rest, rather than ending the task
+                # (nothing would act on resync requests any more, silently).
+                log.exception("resync requests (%s site) failed", self.site)
+                self._failed(logging.ERROR, f"resync requests failed: {exc!r}")
             await asyncio.sleep(
                 backoff_delay(self._retry_s, self._failures_in_a_row, maximum=_RETRY_MAX_S)
             )
@@ -190,12 +213,15 @@ class ResyncRequestFollower:
         async with consumer:
             consumer.assign([partition])
             end = (await consumer.end_offsets([partition]))[partition]
+            begin = (await consumer.beginning_offsets([partition]))[partition]
             offsets: dict[str, int] = {}
             for vm_id, tap in self._taps.items():
                 saved = tap.state.resync_offset(self.site)
-                if saved is None:
-                    await asyncio.to_thread(tap.state.save_resync_offset, self.site, end)
-                    saved = end
+                if saved is None or saved > end:
+                    # Never read there: from the end. Past the end: the topic was created
+                    # again, and everything in it is new.
+                    saved = end if saved is None else begin
+                    await asyncio.to_thread(tap.state.save_resync_offset, self.site, saved)
                 offsets[vm_id] = saved
             consumer.seek(partition, min(offsets.values(), default=end))
             self._failures_in_a_row = 0
@@ -205,7 +231,7 @@ class ResyncRequestFollower:
                 if not records:
                     continue
                 positions = {
-                    vm_id: Position(offset, self._taps[vm_id].state.resync_covered_from)
+                    vm_id: Position(offset, _cover(self._taps[vm_id]))
                     for vm_id, offset in offsets.items()
                 }
                 for vm_id, (after, request) in requests_to_act_on(records, positions).items():
@@ -228,8 +254,8 @@ class ResyncRequestFollower:
         )
         if request.last_seq is not None:
             # After a regression the receiver drops what is numbered up to one past the
-            # reused range: the full sync must be numbered after that.
-            await tap.number_past(request.last_seq + 1)
+            # reused range (`last_seq` here): the full sync must be numbered after that.
+            await tap.number_past(request.last_seq)
         covered_from = tap.last_seq_acked + 1
         await tap.request_full_sync()
         tap.stats.resync_requests += 1

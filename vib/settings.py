@@ -108,9 +108,9 @@ class TapSettings(BaseSettings):
     act_on_resync_requests: bool = Field(
         default=True,
         description=(
-            "start a full sync of a VM when the receiver reports a sequence gap, a corrupt "
-            "message or a sequence regression for it (the source site's status topic), "
-            "until the control plane decides this"
+            "start a full sync of a VM when the receiver (a sequence gap, a corrupt "
+            "message, a sequence regression) or the applier (a hole only it sees) asks "
+            "for a resync on a site's status topic, until the control plane decides this"
         ),
     )
     create_topics: bool = Field(default=True, description="create the VMs' missing topics")

@@ -29,8 +29,8 @@ class TapMetrics:
         )
         self.resync_request_failures = Counter(
             "datamover_tap_resync_request_failures",
-            "Times following the source site's status topic for resync requests, or acting "
-            "on one, failed (tried again after a backoff; see vib/resync_requests.py).",
+            "Times following a site's status topic for resync requests, or acting on one, "
+            "failed (tried again after a backoff; see vib/resync_requests.py).",
             registry=registry,
         )
         registry.register(_TapCollector(taps))
@@ -83,7 +83,7 @@ class _TapCollector(Collector):
         )
         resync_requests = CounterMetricFamily(
             "datamover_tap_resync_requests",
-            "Resync requests of the receiver acted on (each started a full sync).",
+            "Resync requests of the receiver and the applier acted on (each started a full sync).",
             labels=["vm"],
         )
         heartbeats = CounterMetricFamily(

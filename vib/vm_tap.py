@@ -178,7 +178,7 @@ class VmStats:
     overflows: int = 0
     fast_writes: int = 0  # writes that took the C write path (of `writes`)
     resyncs_completed: int = 0
-    resync_requests: int = 0  # the receiver's, acted on (vib/resync_requests.py)
+    resync_requests: int = 0  # the receiver's and the applier's, acted on (vib/resync_requests.py)
     heartbeats: int = 0
     writebacks: int = 0
 
@@ -825,12 +825,13 @@ class VmTap:
         self._wake_progress()
 
     async def number_past(self, seq: int) -> None:
-        """Returns once the next record's number is above `seq`, hurrying it with HEARTBEAT
-        markers while publishing outside a resync bracket (inside one, the resync moves it
-        on). A sequence regression makes the receiver drop this VM's records up to one past
-        the numbers an older epoch reused: a full sync numbered among them would be lost
-        with them (vib/resync_requests.py). Without a session it returns at once: the
-        next one numbers after the topic's last record, past those."""
+        """Returns once the next record's number is above `seq` (or the tap stops),
+        hurrying it with HEARTBEAT markers while publishing outside a resync bracket
+        (inside one, the resync moves it on). A sequence regression makes the receiver
+        drop this VM's records up to one past the numbers an older epoch reused: a full
+        sync numbered among them would be lost with them (vib/resync_requests.py). Without
+        a session it waits for the next one: that one numbers after the topic's last
+        record, which may still lie among them (the regressed epoch's own)."""
         if seq - self._next_seq >= _FILL_MAX:
             log.error(
                 "VM %s: asked to number past %d, but the next number is %d: not filling",
@@ -839,12 +840,11 @@ class VmTap:
                 self._next_seq,
             )
             return
-        while self._next_seq <= seq:
-            session = self.publishing
-            if session is None or not session.active or self._stopping:
-                return
-            if self._session is not session or self.bracket_open:
-                await self._progress(0.5)  # draining after an overflow, or a resync running
+        while self._next_seq <= seq and not self._stopping:
+            session = self._session
+            if session is None or not session.active or self.bracket_open:
+                # No session (or draining after an overflow), or a resync running.
+                await self._progress(0.5)
                 continue
             for _ in range(min(_FILL_BATCH, seq + 1 - self._next_seq)):
                 self.emit(session, _MARKER, 0, 0, 0, marker=MarkerKind.HEARTBEAT)

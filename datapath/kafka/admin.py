@@ -47,15 +47,23 @@ def _error(code: int, message: str | None, subject: str) -> Exception:
     return error_class(f"{subject}: {message}" if message else subject)
 
 
-async def topic_id(cluster: KafkaClusterSettings, name: str, *, timeout_s: float = 15.0) -> str:
-    """The id Kafka gave the topic when it was created: a topic deleted and created again
-    under the same name has another. Asked through librdkafka's admin client (aiokafka's
-    does not return it); UnknownTopic when there is no such topic."""
+# The id of no topic (a broker too old to give topics ids answers with it).
+_NO_TOPIC_ID = str(rdkafka.Uuid(0, 0))
 
-    def describe() -> str:
+
+async def topic_id(
+    cluster: KafkaClusterSettings, name: str, *, timeout_s: float = 15.0
+) -> str | None:
+    """The id Kafka gave the topic when it was created: a topic deleted and created again
+    under the same name has another (None from a broker that gives topics none). Asked
+    through librdkafka's admin client (aiokafka's does not return it); UnknownTopic when
+    there is no such topic."""
+
+    def describe() -> str | None:
         client = rdkafka_admin.AdminClient(cluster.rdkafka_config())
         futures = client.describe_topics(rdkafka.TopicCollection([name]), request_timeout=timeout_s)
-        return str(futures[name].result(timeout=timeout_s).topic_id)
+        found = futures[name].result(timeout=timeout_s).topic_id
+        return None if found is None or str(found) == _NO_TOPIC_ID else str(found)
 
     try:
         return await asyncio.to_thread(describe)

@@ -463,7 +463,7 @@ class Receiver:
             now = time.monotonic()
             for tp, messages in fetched.items():
                 pipe = self._pipes.get(tp)
-                if pipe is None or pipe.batcher is None or pipe.fenced:
+                if pipe is None or pipe.batcher is None:
                     continue  # re-read from the committed offset once the pipe is open
                 size = 0
                 for message in messages:

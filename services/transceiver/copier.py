@@ -185,9 +185,10 @@ class VmCopier:
             begin = (await self._source.beginning_offsets([tp]))[tp]
             end = (await self._source.end_offsets([tp]))[tp]
         start = begin if progress is None else progress.next_offset
-        if progress is not None and progress.source_topic_id not in (
-            None,
-            self._source_topic_id,
+        if (
+            progress is not None
+            and None not in (progress.source_topic_id, self._source_topic_id)
+            and progress.source_topic_id != self._source_topic_id
         ):
             # The topic was deleted and created again: its offsets start over, however
             # many messages it holds by now.
