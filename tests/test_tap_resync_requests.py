@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client import CollectorRegistry
 from tap_helpers import (
     DiskSpec,
@@ -31,6 +32,14 @@ from datapath.kafka import KafkaClusterSettings, KafkaMetrics, Producer
 from datapath.protection import load_protection_plan
 from datapath.provisioning import ensure_plan_topics
 from datapath.topics import Stream, topic_name
+from services.receiver.batcher import (
+    BracketAbandoned,
+    Event,
+    QuarantinedMessage,
+    SequenceGap,
+    SequenceRegression,
+)
+from services.receiver.status_events import status_event
 from vib.resync_requests import (
     Position,
     ResyncRequest,
@@ -228,3 +237,31 @@ async def test_the_tap_numbers_past_a_reused_range_before_its_full_sync(tmp_path
     filled = [r for r in records if start < r.seq <= start + 3000]
     assert [r.seq for r in filled] == list(range(start + 1, start + 3001))
     assert {r.marker for r in filled} == {MarkerKind.HEARTBEAT}
+
+
+@pytest.mark.parametrize(
+    ("event_", "expected"),
+    [
+        (SequenceGap("vm1", 3, 100, 140, 7), ("sequence_gap", 140)),
+        (QuarantinedMessage("vm1", 8, b"x", "CRC", 3, 141, 150), ("corrupt_record", 150)),
+        (
+            QuarantinedMessage("vm1", 8, b"x", "bad header", None, None, None),
+            ("corrupt_record", None),
+        ),
+        # The reused range ends at next_seq - 1, and the receiver drops one record more.
+        (SequenceRegression("vm1", 4, 3, 120, 151, 9), ("sequence_regression", 151)),
+        (BracketAbandoned("vm1", 5, 6, 170), None),
+    ],
+)
+def test_the_receivers_own_status_events_are_read_as_it_writes_them(
+    event_: Event, expected: tuple[str, int | None] | None
+) -> None:
+    _, body = status_event(event_, instance="r-0", tap_topic="dm.tap.vm1", deadletter_topic="d")
+    request = parse_resync_request(json.dumps(body).encode())
+    if expected is None:
+        assert request is None
+    else:
+        assert request is not None and (request.vm_id, request.reason, request.last_seq) == (
+            "vm1",
+            *expected,
+        )
