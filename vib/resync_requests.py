@@ -234,13 +234,24 @@ class ResyncRequestFollower:
                     vm_id: Position(offset, _cover(self._taps[vm_id]))
                     for vm_id, offset in offsets.items()
                 }
+                failed: OSError | None = None
                 for vm_id, (after, request) in requests_to_act_on(records, positions).items():
                     tap = self._taps[vm_id]
-                    if request is not None:
-                        covered_from = await self._act(tap, request)
-                        await asyncio.to_thread(tap.state.save_resync_covered_from, covered_from)
+                    try:
+                        if request is not None:
+                            covered_from = await self._act(tap, request)
+                            await asyncio.to_thread(
+                                tap.state.save_resync_covered_from, covered_from
+                            )
+                        await asyncio.to_thread(tap.state.save_resync_offset, self.site, after)
+                    except OSError as exc:
+                        # The other VMs first; this one's requests are read again from
+                        # its saved offset after the backoff.
+                        failed = failed or exc
+                        continue
                     offsets[vm_id] = after
-                    await asyncio.to_thread(tap.state.save_resync_offset, self.site, after)
+                if failed is not None:
+                    raise failed
 
     async def _act(self, tap: VmTap, request: ResyncRequest) -> int:
         """Starts a full sync; the number from which it surely covers the VM: every record
