@@ -242,90 +242,60 @@ async def _delete_all_records(cluster: KafkaClusterSettings, topic: str) -> int:
     return int(done[partition])
 
 
-def test_records_lost_before_the_receiver_read_them_are_repaired_by_a_full_sync_on_its_own(
-    chain: tuple[LocalDeployment, Endpoints], source_cluster: KafkaClusterSettings
+@pytest.mark.parametrize(
+    ("stopped", "stream", "seen_by", "write"),
+    [
+        ("receiver", Stream.TAP, "receiver", "write -P 0x5a 8M 3M"),
+        ("transceiver", Stream.BATCH, "applier", "write -P 0xa5 20M 2M"),
+    ],
+    ids=["tap-records-lost-before-the-receiver", "batches-lost-before-the-transceiver"],
+)
+def test_a_hole_in_the_journal_is_repaired_by_a_full_sync_on_its_own(
+    chain: tuple[LocalDeployment, Endpoints],
+    source_cluster: KafkaClusterSettings,
+    stopped: str,
+    stream: Stream,
+    seen_by: str,
+    write: str,
 ) -> None:
     """Guarantee 3 when the journal itself lost writes (a retention shorter than an outage
-    of the receiver): the receiver reports the gap, the applier stops at it, and the tap
-    answers the receiver's resync request with a full sync: the target equals the source
-    again, with nobody calling the tap."""
+    of the receiver, or of the WAN): the service that sees the hole (the receiver; for
+    lost batches, only the applier) asks for a resync on a status topic, the applier stops
+    at the hole, and the tap answers with a full sync: the target equals the source again,
+    with nobody calling the tap."""
     deployment, endpoints = chain
     vm_id, export, source, target = _disk(chain)
-    receiver = next(s.process for s in deployment.services if s.name == "receiver")
-    assert receiver is not None
+    process = next(s.process for s in deployment.services if s.name == stopped)
+    assert process is not None
     with httpx.Client(timeout=30.0) as http:
         wait_drained(http, endpoints, vm_id, timeout=240)
         requests_before = replication_positions(http, endpoints, vm_id)[0]["resync_requests"]
-        gaps_before = _gaps(http, endpoints, "receiver", vm_id)
-        os.kill(receiver.pid, signal.SIGSTOP)
-        try:
-            _run(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 8M 3M", export])
-            _wait_for(
-                lambda: (
-                    (vm := replication_positions(http, endpoints, vm_id)[0])[
-                        "last_seq_acknowledged"
-                    ]
-                    == vm["last_seq_assigned"]
-                ),
-                "the tap to have the writes in Kafka",
-            )
-            asyncio.run(_delete_all_records(source_cluster, topic_name(Stream.TAP, vm_id)))
-        finally:
-            os.kill(receiver.pid, signal.SIGCONT)
-        _wait_for(
-            lambda: (
-                replication_positions(http, endpoints, vm_id)[0]["resync_requests"]
-                > requests_before
-            ),
-            "the tap to act on the receiver's resync request",
-            timeout=120,
-        )
-        assert _gaps(http, endpoints, "receiver", vm_id) > gaps_before
-    http = _drain_and_pause(chain, vm_id)
-    try:
-        _run(["qemu-img", "compare", "-f", "raw", "-F", "raw", source, target])
-        assert _applier_vm(http, endpoints, vm_id)["health"] == "ok"
-    finally:
-        _resume(chain, vm_id, http)
+        gaps_before = _gaps(http, endpoints, seen_by, vm_id)
 
-
-def test_batches_lost_before_the_transceiver_copied_them_are_repaired_on_its_own(
-    chain: tuple[LocalDeployment, Endpoints], source_cluster: KafkaClusterSettings
-) -> None:
-    """Guarantee 3 when the source batch topic lost batches (a retention shorter than an
-    outage of the WAN): only the applier sees the gap; its report on the target site's
-    status topic makes the tap start a full sync, and the target equals the source."""
-    deployment, endpoints = chain
-    vm_id, export, source, target = _disk(chain)
-    transceiver = next(s.process for s in deployment.services if s.name == "transceiver")
-    assert transceiver is not None
-    with httpx.Client(timeout=30.0) as http:
-        wait_drained(http, endpoints, vm_id, timeout=240)
-        requests_before = replication_positions(http, endpoints, vm_id)[0]["resync_requests"]
-        gaps_before = _gaps(http, endpoints, "applier", vm_id)
-
-        def batched() -> bool:
+        def in_the_topic_that_loses_them() -> bool:
             tap_vm = replication_positions(http, endpoints, vm_id)[0]
+            if stream is Stream.TAP:
+                return bool(tap_vm["last_seq_acknowledged"] == tap_vm["last_seq_assigned"])
             receiver = http.get(f"{endpoints.services['receiver']}/status").json()
             committed = receiver["vms"][vm_id]["last_committed_seq"] or 0
             return bool(committed >= tap_vm["last_seq_assigned"])
 
-        os.kill(transceiver.pid, signal.SIGSTOP)
+        os.kill(process.pid, signal.SIGSTOP)
         try:
-            _run(["qemu-io", "-f", "raw", "-c", "write -P 0xa5 20M 2M", export])
-            _wait_for(batched, "the receiver to batch the writes")
-            asyncio.run(_delete_all_records(source_cluster, topic_name(Stream.BATCH, vm_id)))
+            _run(["qemu-io", "-f", "raw", "-c", write, export])
+            _wait_for(in_the_topic_that_loses_them, "the writes in the topic that loses them")
+            asyncio.run(_delete_all_records(source_cluster, topic_name(stream, vm_id)))
         finally:
-            os.kill(transceiver.pid, signal.SIGCONT)
+            os.kill(process.pid, signal.SIGCONT)
         _wait_for(
             lambda: (
                 replication_positions(http, endpoints, vm_id)[0]["resync_requests"]
                 > requests_before
             ),
-            "the tap to act on the applier's report",
+            f"the tap to act on the {seen_by}'s request",
             timeout=120,
         )
-        assert _gaps(http, endpoints, "applier", vm_id) > gaps_before
+        assert _gaps(http, endpoints, seen_by, vm_id) > gaps_before
     http = _drain_and_pause(chain, vm_id)
     try:
         _run(["qemu-img", "compare", "-f", "raw", "-F", "raw", source, target])

@@ -46,6 +46,16 @@ def receiver_settings(plan: Path, **overrides: object) -> ReceiverSettings:
     return ReceiverSettings(**values)  # type: ignore[arg-type]
 
 
+async def one_vm(
+    source: KafkaClusterSettings, target: KafkaClusterSettings, tmp_path: Path, *, seed: int
+) -> tuple[str, Path, TapStream]:
+    """A new VM with its topics, a plan protecting it alone, and its tap stream."""
+    vm = f"rcv-{uuid.uuid4().hex[:10]}"
+    await create_topics(source, [vm])
+    plan = write_plan(tmp_path / "plan.yaml", source, target, [vm])
+    return vm, plan, TapStream(vm, random.Random(seed))
+
+
 async def test_receiver_batches_three_vms_gapless_and_equal_to_the_raw_writes(
     source_cluster: KafkaClusterSettings, target_cluster: KafkaClusterSettings, tmp_path: Path
 ) -> None:
@@ -89,10 +99,7 @@ async def test_receiver_batches_three_vms_gapless_and_equal_to_the_raw_writes(
 async def test_corrupt_tap_record_is_quarantined_and_a_resync_requested(
     source_cluster: KafkaClusterSettings, target_cluster: KafkaClusterSettings, tmp_path: Path
 ) -> None:
-    vm = f"rcv-{uuid.uuid4().hex[:10]}"
-    await create_topics(source_cluster, [vm])
-    plan = write_plan(tmp_path / "plan.yaml", source_cluster, target_cluster, [vm])
-    stream = TapStream(vm, random.Random(5))
+    vm, plan, stream = await one_vm(source_cluster, target_cluster, tmp_path, seed=5)
     good_before = [stream.frame(10) for _ in range(3)]
     corrupt = bytearray(stream.frame(10))
     corrupt_records = stream.records[-10:]
@@ -180,10 +187,7 @@ async def test_a_fenced_vm_opens_again_when_no_rebalance_moves_it(
     # A producer fenced with no other receiver in the group (as when the coordinator
     # fences a transaction that outlived its timeout): no rebalance will come to drop the
     # VM, so the receiver opens it again itself, and the batches stay exact.
-    vm = f"rcv-{uuid.uuid4().hex[:10]}"
-    await create_topics(source_cluster, [vm])
-    plan = write_plan(tmp_path / "plan.yaml", source_cluster, target_cluster, [vm])
-    stream = TapStream(vm, random.Random(11))
+    vm, plan, stream = await one_vm(source_cluster, target_cluster, tmp_path, seed=11)
     settings = receiver_settings(plan)
     receiver = Receiver(settings)
     await receiver.start()
