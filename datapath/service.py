@@ -133,13 +133,20 @@ def log_level_option() -> Any:
 
 def serve(
     create_app: Callable[[SettingsT], FastAPI],
-    settings: SettingsT,
-    host: str,
-    port: int,
+    settings_cls: type[SettingsT],
     log_level: str,
+    *,
+    host_field: str = "http_host",
+    port_field: str = "http_port",
+    **options: Any,
 ) -> None:
-    """Logs a service's settings (secrets masked) and serves its app."""
-    log.info("%s: %s", type(settings).__name__, settings.model_dump_json())
+    """What every `dmover <service>` command does: its logging, its settings (the options
+    given over the environment, see `load_settings`), logged with secrets masked, then its
+    app served on the settings' HTTP address."""
+    configure_logging(log_level)
+    settings = load_settings(settings_cls, **options)
+    log.info("%s: %s", settings_cls.__name__, settings.model_dump_json())
+    host, port = getattr(settings, host_field), getattr(settings, port_field)
     run_app(create_app(settings), host, port, log_level=log_level.lower())
 
 

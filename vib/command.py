@@ -7,15 +7,7 @@ from typing import Annotated
 
 import typer
 
-from datapath.service import (
-    configure_logging,
-    host_option,
-    load_settings,
-    log_level_option,
-    plan_option,
-    port_option,
-    serve,
-)
+from datapath.service import host_option, log_level_option, plan_option, port_option, serve
 from vib.service import create_app
 from vib.settings import TapSettings
 
@@ -48,9 +40,10 @@ def tap_command(
 
     Every setting can also come from its DM_TAP_* environment variable; an option given
     here wins."""
-    configure_logging(log_level)
-    settings = load_settings(
+    serve(
+        create_app,
         TapSettings,
+        log_level,
         plan=plan,
         http_host=host,
         http_port=port,
@@ -59,4 +52,3 @@ def tap_command(
         nbd_unix_socket=nbd_socket,
         state_dir=state_dir,
     )
-    serve(create_app, settings, settings.http_host, settings.http_port, log_level)

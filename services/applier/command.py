@@ -7,15 +7,7 @@ from typing import Annotated
 
 import typer
 
-from datapath.service import (
-    configure_logging,
-    host_option,
-    load_settings,
-    log_level_option,
-    plan_option,
-    port_option,
-    serve,
-)
+from datapath.service import host_option, log_level_option, plan_option, port_option, serve
 from services.applier.app import create_app
 from services.applier.settings import ApplierSettings
 
@@ -37,13 +29,15 @@ def applier_command(
 
     Every setting can also come from its DM_APPLIER_* environment variable; an option
     given here wins."""
-    configure_logging(log_level)
-    settings = load_settings(
+    serve(
+        create_app,
         ApplierSettings,
+        log_level,
+        host_field="host",
+        port_field="port",
         plan=plan,
         host=host,
         port=port,
         state_dir=state_dir,
         status_site=status_site,
     )
-    serve(create_app, settings, settings.host, settings.port, log_level)

@@ -7,15 +7,7 @@ from typing import Annotated
 
 import typer
 
-from datapath.service import (
-    configure_logging,
-    host_option,
-    load_settings,
-    log_level_option,
-    plan_option,
-    port_option,
-    serve,
-)
+from datapath.service import host_option, log_level_option, plan_option, port_option, serve
 
 from .app import create_app
 from .settings import ReceiverSettings
@@ -38,13 +30,13 @@ def receiver_command(
 
     Every setting can also come from its DM_RECEIVER_* environment variable; an option
     given here wins."""
-    configure_logging(log_level)
-    settings = load_settings(
+    serve(
+        create_app,
         ReceiverSettings,
+        log_level,
         plan=plan,
         http_host=host,
         http_port=port,
         instance_id=instance_id,
         batch_interval_s=batch_interval,
     )
-    serve(create_app, settings, settings.http_host, settings.http_port, log_level)

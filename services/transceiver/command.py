@@ -7,15 +7,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from datapath.service import (
-    configure_logging,
-    host_option,
-    load_settings,
-    log_level_option,
-    plan_option,
-    port_option,
-    serve,
-)
+from datapath.service import host_option, log_level_option, plan_option, port_option, serve
 
 from .app import create_app
 from .settings import TransceiverSettings
@@ -41,9 +33,10 @@ def transceiver_command(
 
     Every setting can also come from its DM_TRANSCEIVER_* environment variable; an
     option given here wins."""
-    configure_logging(log_level)
-    settings = load_settings(
+    serve(
+        create_app,
         TransceiverSettings,
+        log_level,
         plan=plan,
         http_host=host,
         http_port=port,
@@ -51,4 +44,3 @@ def transceiver_command(
         interval_s=interval,
         bandwidth_bytes_per_s=bandwidth,
     )
-    serve(create_app, settings, settings.http_host, settings.http_port, log_level)
