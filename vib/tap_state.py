@@ -47,6 +47,17 @@ def _read_int(path: Path) -> int:
         raise ValueError(f"{path} holds {text!r}, not a number") from exc
 
 
+def _read_saved(path: Path) -> int | None:
+    """A number saved for later in `path`; None when there is none, or, loudly, when it
+    cannot be read: such a file must not keep the tap, which serves every VM's guest, from
+    starting."""
+    try:
+        return _read_int(path) if path.exists() else None
+    except (ValueError, OSError) as exc:
+        log.error("ignoring what cannot be read: %s", exc)
+        return None
+
+
 class TapState:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -78,14 +89,9 @@ class TapState:
 
     @property
     def last_seq(self) -> int:
-        """The last sequence number saved (0: none), a fallback for a topic that holds no
-        frame any more. A file that cannot be read counts as none, loudly: it must not
-        keep the tap, which serves every VM's guest, from starting."""
-        try:
-            return _read_int(self.directory / "last_seq")
-        except (ValueError, OSError) as exc:
-            log.error("the saved last sequence number is unreadable, ignoring it: %s", exc)
-            return 0
+        """The last sequence number saved (0: none, or unreadable), a fallback for a topic
+        that holds no frame any more."""
+        return _read_saved(self.directory / "last_seq") or 0
 
     def save_last_seq(self, seq: int) -> None:
         """Made durable (run it off the event loop): the topic is the authority, but when
@@ -93,16 +99,9 @@ class TapState:
         _write_durably(self.directory / "last_seq", f"{seq}\n")
 
     def resync_offset(self, site: str) -> int | None:
-        """Where to read `site`'s resync requests from (None: never read there). An
-        unreadable file counts as none, loudly, like `last_seq`."""
-        path = self.directory / f"resync_offset.{site}"
-        if not path.exists():
-            return None
-        try:
-            return _read_int(path)
-        except (ValueError, OSError) as exc:
-            log.error("%s is unreadable, ignoring it: %s", path, exc)
-            return None
+        """Where to read `site`'s resync requests from (None: never read there, or
+        unreadable)."""
+        return _read_saved(self.directory / f"resync_offset.{site}")
 
     def save_resync_offset(self, site: str, offset: int) -> None:
         """Made durable (run it off the event loop)."""
@@ -111,12 +110,8 @@ class TapState:
     @property
     def resync_covered_from(self) -> int:
         """The number from which the last full sync started for a resync request covers
-        the VM (0: none). An unreadable file counts as 0, loudly."""
-        try:
-            return _read_int(self.directory / "resync_covered_from")
-        except (ValueError, OSError) as exc:
-            log.error("the resync request cover is unreadable, ignoring it: %s", exc)
-            return 0
+        the VM (0: none, or unreadable)."""
+        return _read_saved(self.directory / "resync_covered_from") or 0
 
     def save_resync_covered_from(self, seq: int) -> None:
         """Made durable (run it off the event loop)."""
