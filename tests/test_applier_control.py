@@ -230,6 +230,9 @@ async def test_batches_that_compress_to_nothing_are_held_by_their_decompressed_s
             await asyncio.sleep(0.001)
     assert peak <= 16 * MIB + 4 * MIB, "the batches read ahead exceeded the unit bound"
     assert applier.metrics.units.labels(vm=vm.vm_id)._value.get() >= 10
+    # What was fetched past the bound waited in memory: the journal was read once, not
+    # sought back after every unit (a consumer drops all it prefetched at a seek).
+    assert journal.seeks == [0]
     assert image(disks[0]) == bytes(4 * MIB)
 
 

@@ -338,6 +338,7 @@ class MemoryJournal:
         self.log_start = 0
         self.position_ = 0
         self.start_delay_s = start_delay_s
+        self.seeks: list[int] = []  # every seek asked for, in order
 
     def append(self, *batches: Batch, max_message_bytes: int = 64 * 1024) -> None:
         for batch in batches:
@@ -364,6 +365,7 @@ class MemoryJournal:
         pass
 
     async def seek(self, offset: int) -> None:
+        self.seeks.append(offset)
         self.position_ = max(offset, self.log_start)
 
     async def fetch(self, timeout_s: float) -> list[JournalMessage]:

@@ -165,6 +165,9 @@ class VmApplier:
         self._disks: TargetDisks | None = None
         self._pending: deque[_Pending] = deque()
         self._pending_bytes = 0
+        # Fetched past the unit bound: taken before the next fetch (a seek back to them
+        # would make the consumer drop, and fetch again, all it holds).
+        self._held: list[JournalMessage] = []
         self._bracket: _Bracket | None = None
         self._assembler = BatchAssembler()
         self._chunk_start = 0
@@ -319,6 +322,7 @@ class VmApplier:
     def _reset_reading(self) -> None:
         self._pending.clear()
         self._pending_bytes = 0
+        self._held = []
         self._bracket = None
         self._assembler = BatchAssembler()
         self._chunk_bytes = 0
@@ -336,13 +340,15 @@ class VmApplier:
         limit = self.tuning.max_unit_bytes
         if self._pending_bytes >= limit:
             return
-        messages = await self.source.fetch(self.tuning.fetch_timeout_s)
-        self._last_fetch_empty = not messages
-        for message in messages:
+        if self._held:
+            messages, self._held = self._held, []
+        else:
+            messages = await self.source.fetch(self.tuning.fetch_timeout_s)
+            self._last_fetch_empty = not messages
+        for index, message in enumerate(messages):
             if self._pending_bytes >= limit:
-                # The rest of this fetch is read again once the pending batches are applied.
-                await self.source.seek(message.offset)
-                self._read_offset = message.offset
+                # The rest waits until the pending batches are applied.
+                self._held = messages[index:]
                 return
             # Past a corrupt message too: what follows it may be the resync that repairs it.
             self._take(message)
@@ -857,7 +863,7 @@ class VmApplier:
         return None
 
     def _caught_up(self) -> bool:
-        if self._pending or self._bracket is not None:
+        if self._pending or self._held or self._bracket is not None:
             return False
         if self._last_fetch_empty:
             return True
