@@ -578,6 +578,8 @@ async def test_structured_read_is_one_data_chunk_and_zero_length_reads_succeed(
         (9, 0, 0, 0, p.NBD_EINVAL),
         (0xFFFF, 0, 0, 0, p.NBD_EINVAL),
         (p.CMD_BLOCK_STATUS, 0, 512, 0, p.NBD_EINVAL),  # no context negotiated
+        (p.CMD_WRITE, 4 * MiB + 1, 0, 0, p.NBD_ENOSPC),  # refused, no payload to skip
+        (p.CMD_WRITE, 0, 0, 1 << 15, p.NBD_EINVAL),
     ],
 )
 async def test_bad_requests_get_the_error_the_spec_names(

@@ -493,23 +493,21 @@ class NbdConnection(asyncio.BufferedProtocol):
                             replies = bytearray()
                             continue
                     start = pos + _REQUEST_SIZE
+                    if flags & ~write_flags or offset + length > writable_size:
+                        # Refused whatever it holds: its payload is skipped, here or as it
+                        # arrives (never buffered), then the refusal is answered.
+                        pos = start
+                        counts[_CMD_WRITE] += 1
+                        self._skip_refused_write(flags, cookie, length)
+                        continue
                     if end - start < length:
                         # The rest of the payload is still on its way.
-                        if flags & ~write_flags or offset + length > writable_size:
-                            # Refused whatever it holds: skipped as it arrives.
-                            pos = start
-                            counts[_CMD_WRITE] += 1
-                            self._skip_refused_write(flags, cookie, offset, length)
-                            continue
                         if length >= _DIRECT_PAYLOAD and self._ctx.payloads.reserve(length):
                             self._receive_payload_directly(flags, cookie, offset, length, start)
                             pos = end
                         break
                     pos = start + length
                     counts[_CMD_WRITE] += 1
-                    if flags & ~write_flags or offset + length > writable_size:
-                        self._write_refused(flags, cookie, offset, length)
-                        continue
                     self._bytes_written += length
                     coro = export_write(offset, memoryview(buf[start:pos]), flags == _FUA)
                     try:
@@ -553,18 +551,12 @@ class NbdConnection(asyncio.BufferedProtocol):
         length = len(payload)
         self._header_first = length >= _RECEIVE_BUFFER
         self._ctx.payloads.release(length)
+        # Its flags and range were checked when its header arrived (_process).
         self._request_counts[_CMD_WRITE] += 1
-        if (
-            flags & ~self._allowed_flags[_CMD_WRITE]
-            or self._read_only
-            or (offset + length > self._size)
-        ):
-            self._write_refused(flags, cookie, offset, length)
-        else:
-            assert self._export is not None
-            self._bytes_written += length
-            coro = self._export.write(offset, memoryview(payload), flags == _FUA)
-            self._start(coro, cookie, _CMD_WRITE, offset, length, flags)
+        assert self._export is not None
+        self._bytes_written += length
+        coro = self._export.write(offset, memoryview(payload), flags == _FUA)
+        self._start(coro, cookie, _CMD_WRITE, offset, length, flags)
         self._send()
         if self._rend > self._rstart:
             self._process()
@@ -586,15 +578,15 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._discard_cookie = cookie
         self._discard_error = (p.NBD_EINVAL, "")
 
-    def _skip_refused_write(self, flags: int, cookie: int, offset: int, length: int) -> None:
-        """A write refused before its payload has arrived: the payload is skipped as it
-        comes (never buffered), then the refusal is answered."""
+    def _skip_refused_write(self, flags: int, cookie: int, length: int) -> None:
+        """A refused write: its payload is skipped (never buffered), then the refusal is
+        answered."""
+        if not length:
+            self._reply_error(cookie, _CMD_WRITE, *self._refusal(flags))
+            return
         self._discard = length
         self._discard_cookie = cookie
         self._discard_error = self._refusal(flags)
-
-    def _write_refused(self, flags: int, cookie: int, offset: int, length: int) -> None:
-        self._reply_error(cookie, _CMD_WRITE, *self._refusal(flags))
 
     def _refusal(self, flags: int) -> tuple[int, str]:
         """Why a write with these flags, or beyond the end, is refused."""
