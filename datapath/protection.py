@@ -123,18 +123,24 @@ def load_protection_plan(path: str | Path) -> ProtectionPlan:
 def dump_protection_plan(plan: ProtectionPlan, path: str | Path) -> None:
     """Writes the plan for the services to read: with its secrets, so readable by its
     owner only."""
-    data = plan.model_dump(mode="json", exclude_none=True)
-    _reveal_secrets(plan, data)
-    text = yaml.safe_dump(data, sort_keys=False)
+    text = yaml.safe_dump(dump_with_secrets(plan, exclude_none=True), sort_keys=False)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         os.fchmod(fd, 0o600)  # an existing file keeps its mode otherwise
         f.write(text)
 
 
+def dump_with_secrets(model: BaseModel, **options: Any) -> dict[str, Any]:
+    """`model.model_dump(mode="json", **options)` with every SecretStr in the clear, for
+    what only the services read (a plan file, a producer child's settings): model_dump
+    masks them."""
+    data = model.model_dump(mode="json", **options)
+    _reveal_secrets(model, data)
+    return data
+
+
 def _reveal_secrets(model: BaseModel, data: dict[str, Any]) -> None:
-    """model_dump masks every SecretStr; a plan file written for the services must carry
-    them (SASL and TLS key passwords alike, wherever they are)."""
+    """SASL and TLS key passwords alike, wherever they are."""
     for name, value in model:
         if name not in data:
             continue

@@ -30,7 +30,7 @@ import sys
 from typing import Any
 
 from datapath.kafka import KafkaClusterSettings, KafkaFatal, KafkaUnavailable
-from datapath.protection import ProtectedVM
+from datapath.protection import ProtectedVM, dump_with_secrets
 from datapath.topics import Stream, topic_name
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ class ProcessTapTopic:
     ) -> None:
         self.topic = topic_name(Stream.TAP, vm.id)
         self._config = {
-            "cluster": _cluster_with_secrets(cluster),
+            "cluster": dump_with_secrets(cluster),
             "vm": vm.model_dump(mode="json"),
             "create": create,
             "request_timeout_s": request_timeout_s,
@@ -197,12 +197,3 @@ class ProcessTapTopic:
         return ProducerProcess(
             proc, reader, writer, self.topic, int(message["ready"]), int(message["epoch"])
         )
-
-
-def _cluster_with_secrets(cluster: KafkaClusterSettings) -> dict[str, Any]:
-    data = cluster.model_dump(mode="json")
-    for key in ("sasl_password", "ssl_key_password"):
-        secret = getattr(cluster, key)
-        if secret is not None:
-            data[key] = secret.get_secret_value()
-    return data
