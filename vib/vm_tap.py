@@ -694,12 +694,7 @@ class VmTap:
             self._al.abort_write(disk.index, offset, length)
         self._gen += 1
         self._mark_dirty(disk, offset, length, self._gen)
-        session = self._session
-        task = self._resync_task
-        if session is not None and not self._stopping and (task is None or task.done()):
-            # While publishing, nothing else would start a resync for it (a resync under
-            # way takes it on: marks made meanwhile survive it and start the next one).
-            self._start_resync(session)
+        self._resync_if_idle()  # while publishing, nothing else would start one for it
 
     # -- publishing helpers (also used by the resync) -------------------------------------------
 
@@ -1074,7 +1069,17 @@ class VmTap:
         for disk in self.disks:
             disk.bitmap.abandon_snapshot()
 
+    def _resync_if_idle(self) -> None:
+        """Starts a resync of what is marked when publishing and none is under way (one
+        under way takes it on: marks made meanwhile survive it and start the next one)."""
+        session = self._session
+        task = self._resync_task
+        if session is not None and (task is None or task.done()):
+            self._start_resync(session)
+
     def _start_resync(self, session: PublishSession) -> None:
+        if self._stopping:
+            return  # a stop drains what is published; the marks wait for the next start
         full = self.state.full_sync_pending
         chunk = min(self.settings.resync_chunk_bytes, self._frame_max)
         resync = Resync(self, session, full=full, chunk_bytes=chunk)
@@ -1123,10 +1128,7 @@ class VmTap:
             disk.bitmap.mark_all()
         await asyncio.to_thread(self._flush_all_bitmaps)
         self.state.set_full_sync("marked")
-        session = self._session
-        task = self._resync_task
-        if session is not None and (task is None or task.done()):
-            self._start_resync(session)
+        self._resync_if_idle()
         log.info("VM %s: full sync requested", self.vm_id)
 
     # -- housekeeping ---------------------------------------------------------------------
