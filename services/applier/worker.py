@@ -8,7 +8,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from datapath.kafka import KafkaMetrics
+from datapath.kafka import KafkaMetrics, backoff_delay
 from datapath.protection import ProtectedVM, ProtectionPlan, load_protection_plan
 from datapath.provisioning import plan_topic_spec
 from datapath.service import wait_ended
@@ -74,7 +74,8 @@ class ApplierWorker:
     async def _supervise(self, applier: VmApplier) -> None:
         """Runs a VM's loop; after an error, restarts it from the durable state (which
         re-applies an interrupted unit first)."""
-        backoff = self.settings.restart_backoff_s
+        settings = self.settings
+        failures = 0
         while True:
             try:
                 await applier.run()
@@ -83,14 +84,15 @@ class ApplierWorker:
                 raise
             except Exception as exc:
                 # One VM's failure (disk, Kafka, a refused batch) never stops the others.
-                log.exception(
-                    "VM %s: apply loop failed; restarting in %.1fs", applier.vm_id, backoff
+                failures += 1
+                delay = backoff_delay(
+                    settings.restart_backoff_s, failures, settings.max_restart_backoff_s
                 )
+                log.exception("VM %s: apply loop failed; restarting in %.1fs", applier.vm_id, delay)
                 applier.last_error = f"{type(exc).__name__}: {exc}"
                 applier.phase = "error"
                 self.metrics.errors.labels(vm=applier.vm_id).inc()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, self.settings.max_restart_backoff_s)
+            await asyncio.sleep(delay)
 
     async def stop(self) -> None:
         tasks = list(self._tasks.values())

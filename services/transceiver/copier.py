@@ -32,6 +32,7 @@ from datapath.kafka import (
     KafkaMetrics,
     ProducerFenced,
     TransactionalProducer,
+    backoff_delay,
     topic_id,
     within,
 )
@@ -103,11 +104,12 @@ class VmCopier:
     # -- the task
 
     async def run(self) -> None:
-        backoff = self.settings.retry_backoff_s
+        settings = self.settings
+        failures = 0
         while True:
             try:
                 await self._open()
-                backoff = self.settings.retry_backoff_s
+                failures = 0
                 await self._copy_forever()
             except ProducerFenced as exc:
                 self._failed("fenced", exc)
@@ -117,8 +119,10 @@ class VmCopier:
                 await self._close_producer()
             # While the target is away, keep the source lag visible.
             await self._refresh_lag(force=True)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, self.settings.max_retry_backoff_s)
+            failures += 1
+            await asyncio.sleep(
+                backoff_delay(settings.retry_backoff_s, failures, settings.max_retry_backoff_s)
+            )
 
     async def close(self) -> None:
         await self._close_producer()
