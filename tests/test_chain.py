@@ -118,6 +118,9 @@ def test_ext4_written_through_the_tap_is_replicated_consistent_and_thin(
         assert allocated <= source_allocated + 1024 * 1024, (
             f"target not thin: {allocated} bytes allocated, source {source_allocated}"
         )
+        # And thin in itself: a source filled up as well would pass the check above.
+        assert allocated < DISK_SIZE // 2, f"target not thin: {allocated} bytes allocated"
+
     finally:
         _resume(chain, vm_id, http)
 
