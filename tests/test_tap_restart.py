@@ -81,7 +81,7 @@ async def test_a_state_directory_that_refuses_a_new_epoch_is_tried_again(
     real_next_epoch = TapState.next_epoch
     refusals = [OSError(28, "No space left on device")]
 
-    def next_epoch(state: TapState, *, after: int = 0) -> int:
+    def next_epoch(state: TapState, *, after: int) -> int:
         if refusals:
             raise refusals.pop()
         return real_next_epoch(state, after=after)

@@ -79,7 +79,7 @@ class TapState:
     def epoch(self) -> int:
         return _read_int(self.directory / "epoch")
 
-    def next_epoch(self, *, after: int = 0) -> int:
+    def next_epoch(self, *, after: int) -> int:
         """A new epoch, above the last one this directory gave and above `after` (the
         epoch of the topic's last frame: a state directory restored from a backup, or a
         VM moved to another host, must not go back)."""
